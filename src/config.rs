@@ -1,0 +1,543 @@
+//! The TOML config: serde types that mirror the file (unknown keys are errors), then `validate`
+//! into the runtime [`Config`]. Every error names the file, line, column and key. No sockets here.
+
+use crate::name::ServerName;
+use crate::router::{Pattern, RouteTable};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+pub const DEFAULT_PATH: &str = "/etc/sniplex/sniplex.toml";
+/// `sun_path` is 108 bytes on Linux, one of them the terminating NUL for filesystem paths.
+const MAX_UNIX_PATH: usize = 107;
+
+/// Where a backend lives. Host names are resolved at connect time, not at load time, so a
+/// container that comes up later (or changes address) is found without a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddr {
+    Unix(PathBuf),
+    /// Linux abstract socket name (without the leading NUL).
+    Abstract(Vec<u8>),
+    Tcp(SocketAddr),
+    Host { host: String, port: u16 },
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            BackendAddr::Abstract(n) => write!(f, "unix:@{}", String::from_utf8_lossy(n)),
+            BackendAddr::Tcp(a) => write!(f, "{a}"),
+            BackendAddr::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl BackendAddr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if let Some(name) = path.strip_prefix('@') {
+                if name.is_empty() {
+                    return Err("abstract socket name is empty".into());
+                }
+                if name.len() > MAX_UNIX_PATH {
+                    return Err(format!("abstract socket name longer than {MAX_UNIX_PATH} bytes"));
+                }
+                return Ok(BackendAddr::Abstract(name.as_bytes().to_vec()));
+            }
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "unix socket path {path:?} is relative; write an absolute path (unix:/run/...) or unix:@name for an abstract socket"
+                ));
+            }
+            if path.len() > MAX_UNIX_PATH {
+                return Err(format!("unix socket path longer than {MAX_UNIX_PATH} bytes"));
+            }
+            return Ok(BackendAddr::Unix(PathBuf::from(path)));
+        }
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                return Err("port 0 is not a backend port".into());
+            }
+            return Ok(BackendAddr::Tcp(addr));
+        }
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!(
+                "{s:?} is not \"unix:/path\", \"unix:@name\", \"IP:PORT\", \"[IPv6]:PORT\" or \"HOST:PORT\""
+            ));
+        };
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{port:?} is not a port number (1-65535)"))?;
+        if host.contains(':') || host.starts_with('[') {
+            return Err(format!("{s:?}: an IPv6 address needs brackets, as in [fd00::5]:443"));
+        }
+        let name = ServerName::parse(host.as_bytes())
+            .map_err(|e| format!("{host:?} is neither an IP address nor a host name: {e}"))?;
+        Ok(BackendAddr::Host {
+            host: name.to_string(),
+            port,
+        })
+    }
+}
+
+/// One entry of the SNI map, as the connection pipeline uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The route key as configured (`"*.lab.example.org"`), or `fallback`. Used as the log and
+    /// metric label, never the client's raw SNI.
+    pub label: Arc<str>,
+    pub backend: BackendAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub client_hello: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+    pub shutdown: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            client_hello: Duration::from_secs(10),
+            connect: Duration::from_secs(5),
+            idle: Duration::from_secs(3600),
+            shutdown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub listen: Vec<SocketAddr>,
+    pub routes: RouteTable<Arc<Route>>,
+    pub timeouts: Timeouts,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&src, path)
+    }
+
+    pub fn parse(src: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(src).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            ConfigError::at(path, src, span.clone(), key_at(src, span), e.message())
+        })?;
+        raw.validate(src, path)
+    }
+
+    /// One line for `sniplex check`.
+    pub fn summary(&self) -> String {
+        let listen: Vec<String> = self.listen.iter().map(|a| a.to_string()).collect();
+        format!(
+            "{}: OK: {} route{}, fallback {}, listen {}",
+            self.source.display(),
+            self.routes.len(),
+            if self.routes.len() == 1 { "" } else { "s" },
+            match self.routes.fallback() {
+                Some(r) => r.backend.to_string(),
+                None => "none".into(),
+            },
+            listen.join(" "),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read config: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn at(path: &Path, src: &str, span: Range<usize>, key: String, message: &str) -> Self {
+        let (line, column) = line_col(src, span.start);
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            column,
+            key: if key.is_empty() { "(top level)".into() } else { key },
+            message: message.trim_end().to_owned(),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = src.get(..offset).unwrap_or(src);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Best-effort dotted key for a serde error span: the enclosing `[table]` header plus the key
+/// on the error's line (the span itself when it is a key, else the key before the nearest `=`).
+fn key_at(src: &str, span: Range<usize>) -> String {
+    let start = span.start.min(src.len());
+    let before = src.get(..start).unwrap_or("");
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let mut header = String::new();
+    for line in before[..line_start].lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            header = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+        }
+    }
+    let spanned = src.get(span.clone()).unwrap_or("").trim();
+    let after = src.get(span.end.min(src.len())..).unwrap_or("");
+    let line_before = &before[line_start..];
+    let is_key = after.trim_start().starts_with('=') && !spanned.is_empty();
+    let mut parts: Vec<String> = Vec::new();
+    if !header.is_empty() {
+        parts.push(header);
+    }
+    // An inline table: the key that owns the `{`.
+    if let Some(brace) = line_before.find('{') {
+        if let Some(k) = key_before_eq(&line_before[..brace]) {
+            parts.push(k);
+        }
+    }
+    let own = if is_key {
+        Some(spanned.to_owned())
+    } else {
+        key_before_eq(line_before)
+    };
+    if let Some(k) = own {
+        if parts.last() != Some(&k) {
+            parts.push(k);
+        }
+    }
+    parts.join(".")
+}
+
+fn key_before_eq(text: &str) -> Option<String> {
+    let eq = text.rfind('=')?;
+    let t = text[..eq].trim_end();
+    let start = t
+        .rfind(|c: char| c == '{' || c == ',' || c.is_whitespace() && !t.ends_with('"'))
+        .map_or(0, |i| i + 1);
+    let k = t[start..].trim();
+    (!k.is_empty()).then(|| k.to_owned())
+}
+
+// ---- the file's shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    routes: BTreeMap<Spanned<String>, Spanned<RawRoute>>,
+    fallback: Option<Spanned<RawRouteTable>>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteTable {
+    backend: Spanned<String>,
+}
+
+/// A route value: a backend string, or a table (later features add keys to the table). A
+/// hand-written visitor instead of `#[serde(untagged)]` keeps serde's precise errors (unknown
+/// field, wrong type) for the table form.
+struct RawRoute(RawRouteTable);
+
+impl<'de> Deserialize<'de> for RawRoute {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawRoute;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a backend string or a table with `backend`")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawRoute, E> {
+                // No span here: `build_route` points at the enclosing Spanned<RawRoute>.
+                Ok(RawRoute(RawRouteTable {
+                    backend: Spanned::new(0..0, s.to_owned()),
+                }))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
+                RawRouteTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawRoute)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A humantime duration ("10s", "1h 30m").
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        humantime_serde::deserialize(d).map(HumanDuration)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    client_hello: Option<Spanned<HumanDuration>>,
+    connect: Option<Spanned<HumanDuration>>,
+    idle: Option<Spanned<HumanDuration>>,
+    shutdown: Option<Spanned<HumanDuration>>,
+}
+
+impl RawConfig {
+    fn validate(self, src: &str, path: &Path) -> Result<Config, ConfigError> {
+        let err = |span: Range<usize>, key: String, msg: String| {
+            ConfigError::at(path, src, span, key, &msg)
+        };
+
+        let listen = match self.listen {
+            None => vec![SocketAddr::from(([0u16; 8], 443))],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(err(list.span(), "listen".into(), "needs at least one address".into()));
+                }
+                let mut out = Vec::new();
+                for (i, a) in list.get_ref().iter().enumerate() {
+                    let addr: SocketAddr = a.get_ref().parse().map_err(|_| {
+                        err(
+                            a.span(),
+                            format!("listen[{i}]"),
+                            format!(
+                                "{:?} is not an IP:PORT address (IPv6 in brackets: \"[::]:443\")",
+                                a.get_ref()
+                            ),
+                        )
+                    })?;
+                    if out.contains(&addr) {
+                        return Err(err(a.span(), format!("listen[{i}]"), format!("{addr} is listed twice")));
+                    }
+                    out.push(addr);
+                }
+                out
+            }
+        };
+
+        let mut routes = RouteTable::new();
+        for (key, value) in self.routes {
+            let key_label = format!("routes.{:?}", key.get_ref());
+            let pattern = Pattern::parse(key.get_ref())
+                .map_err(|e| err(key.span(), key_label.clone(), format!("bad server name: {e}")))?;
+            let value_span = value.span();
+            let table = value.into_inner().0;
+            let route = build_route(key.get_ref().as_str(), table, value_span, &key_label)
+                .map_err(|(span, k, m)| err(span, k, m))?;
+            routes
+                .insert(pattern, Arc::new(route))
+                .map_err(|e| err(key.span(), key_label, e.to_string()))?;
+        }
+        if let Some(fb) = self.fallback {
+            let span = fb.span();
+            let route = build_route("fallback", fb.into_inner(), span, "fallback")
+                .map_err(|(span, k, m)| err(span, k, m))?;
+            routes.set_fallback(Some(Arc::new(route)));
+        }
+
+        let mut timeouts = Timeouts::default();
+        let t = self.timeouts;
+        for (name, value, slot, allow_zero) in [
+            ("client_hello", t.client_hello, &mut timeouts.client_hello, false),
+            ("connect", t.connect, &mut timeouts.connect, false),
+            ("idle", t.idle, &mut timeouts.idle, false),
+            ("shutdown", t.shutdown, &mut timeouts.shutdown, true),
+        ] {
+            if let Some(v) = value {
+                if v.get_ref().0.is_zero() && !allow_zero {
+                    return Err(err(v.span(), format!("timeouts.{name}"), "must be more than zero".into()));
+                }
+                *slot = v.get_ref().0;
+            }
+        }
+
+        Ok(Config {
+            source: path.to_owned(),
+            listen,
+            routes,
+            timeouts,
+        })
+    }
+}
+
+type SpannedError = (Range<usize>, String, String);
+
+fn build_route(
+    label: &str,
+    table: RawRouteTable,
+    value_span: Range<usize>,
+    key: &str,
+) -> Result<Route, SpannedError> {
+    let b = &table.backend;
+    // A bare-string route carries no span of its own: point at the whole value instead.
+    let span = if b.span() == (0..0) { value_span } else { b.span() };
+    let backend = BackendAddr::parse(b.get_ref()).map_err(|m| (span, format!("{key}.backend"), m))?;
+    Ok(Route {
+        label: label.into(),
+        backend,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("/etc/sniplex/test.toml"))
+    }
+
+    fn err(s: &str) -> String {
+        parse(s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(
+            r#"
+listen = ["[::]:443", "0.0.0.0:443"]
+[routes]
+"git.example.org"   = "unix:/run/gitea/tls.sock"
+"chat.example.org"  = "unix:@xmpp"
+"*.lab.example.org" = "172.17.0.5:443"
+"wiki.example.org"  = "wiki.internal:8443"
+"old.example.org"   = { backend = "[fd00::5]:443" }
+[fallback]
+backend = "unix:/run/default.sock"
+[timeouts]
+client_hello = "10s"
+connect = "5s"
+idle = "1h"
+shutdown = "30s"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.routes.len(), 5);
+        let get = |n: &str| {
+            c.routes
+                .lookup_name(&ServerName::parse(n.as_bytes()).unwrap())
+                .map(|r| (r.label.to_string(), r.backend.clone()))
+        };
+        assert_eq!(
+            get("git.example.org"),
+            Some(("git.example.org".into(), BackendAddr::Unix("/run/gitea/tls.sock".into())))
+        );
+        assert_eq!(get("chat.example.org").unwrap().1, BackendAddr::Abstract(b"xmpp".to_vec()));
+        assert_eq!(
+            get("a.lab.example.org"),
+            Some(("*.lab.example.org".into(), BackendAddr::Tcp("172.17.0.5:443".parse().unwrap())))
+        );
+        assert_eq!(
+            get("wiki.example.org").unwrap().1,
+            BackendAddr::Host { host: "wiki.internal".into(), port: 8443 }
+        );
+        assert_eq!(get("old.example.org").unwrap().1, BackendAddr::Tcp("[fd00::5]:443".parse().unwrap()));
+        assert_eq!(c.routes.fallback().unwrap().label.as_ref(), "fallback");
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert!(c.summary().contains("5 routes"));
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.listen, vec!["[::]:443".parse().unwrap()]);
+        assert!(c.routes.is_empty());
+        assert_eq!(c.timeouts, Timeouts::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_location() {
+        let e = err("listen = [\"127.0.0.1:1\"]\nbogus = 1\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:2:1: bogus: unknown field `bogus`"), "{e}");
+        let e = err("[timeouts]\nconnect = \"1s\"\nconect = \"2s\"\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:3:1: timeouts.conect: unknown field"), "{e}");
+        let e = err("[routes]\n\"a.example\" = { backend = \"10.0.0.1:1\", weight = 3 }\n");
+        assert!(e.contains(":2:") && e.contains("weight") && e.contains("unknown field"), "{e}");
+        let e = err("[routes.\"a.example\"]\nbackend = \"10.0.0.1:1\"\nbakend = 1\n");
+        assert!(e.contains(":3:1: routes.\"a.example\".bakend: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let e = err("[timeouts]\nidle = \"forever\"\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:2:8: timeouts.idle:"), "{e}");
+        let e = err("listen = 443\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:1:10: listen:"), "{e}");
+        let e = err("[routes]\n\"a.example\" = 5\n");
+        assert!(e.contains(":2:15: routes.\"a.example\":"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_point_at_the_value() {
+        let e = err("[routes]\n\"a.example\" = \"unix:run/a.sock\"\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:2:15: routes.\"a.example\".backend: unix socket path \"run/a.sock\" is relative"), "{e}");
+        let e = err("[routes]\n\"a.*.org\" = \"unix:/a\"\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:2:1: routes.\"a.*.org\": bad server name"), "{e}");
+        let e = err("[routes]\n\"A.example\" = \"unix:/a\"\n\"a.example.\" = \"unix:/b\"\n");
+        assert!(e.contains("duplicate route a.example"), "{e}");
+        let e = err("listen = [\"127.0.0.1:1\", \"localhost:443\"]\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:1:26: listen[1]: \"localhost:443\" is not an IP:PORT"), "{e}");
+        let e = err("[routes]\n\"a.example\" = \"fd00::5:443\"\n");
+        assert!(e.contains("needs brackets"), "{e}");
+        let e = err("[routes]\n\"a.example\" = { backend = \"host:0\" }\n");
+        assert!(e.contains(":2:27: routes.\"a.example\".backend:") && e.contains("port"), "{e}");
+        let e = err("[fallback]\nbackend = \"unix:\"\n");
+        assert!(e.contains(":2:11: fallback.backend:"), "{e}");
+        let e = err("[timeouts]\nconnect = \"0s\"\n");
+        assert!(e.contains(":2:11: timeouts.connect: must be more than zero"), "{e}");
+        let e = err("listen = []\n");
+        assert!(e.contains("listen: needs at least one address"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_have_a_location() {
+        let e = err("[routes]\n\"a.example\" = \"unix:/a\n");
+        assert!(e.starts_with("/etc/sniplex/test.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn backend_addresses() {
+        assert!(BackendAddr::parse("unix:@").is_err());
+        assert!(BackendAddr::parse(&format!("unix:/{}", "a".repeat(120))).is_err());
+        assert!(BackendAddr::parse("127.0.0.1").is_err());
+        assert!(BackendAddr::parse("127.0.0.1:0").is_err());
+        assert!(BackendAddr::parse("bad host:1").is_err());
+        assert_eq!(
+            BackendAddr::parse("[::1]:8443").unwrap(),
+            BackendAddr::Tcp("[::1]:8443".parse().unwrap())
+        );
+    }
+}

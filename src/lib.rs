@@ -1,0 +1,28 @@
+//! sniplex: a Layer-4 TLS SNI router.
+//!
+//! Data flows one way through the crate:
+//!
+//! ```text
+//! listener (bind) -> server (accept, limits, shutdown) -> conn:
+//!     hello (read ClientHello) -> router (route by SNI) -> backend (connect)
+//!     -> splice (forward both ways, zero-copy) -> outcome (log)
+//! ```
+//!
+//! Pure modules (`name`, `hello`, `router`, `alert`, `config`) do no I/O and never touch tokio.
+
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(missing_debug_implementations)]
+
+pub mod alert;
+pub mod backend;
+pub mod config;
+pub mod conn;
+pub mod hello;
+pub mod listener;
+pub mod name;
+pub mod router;
+pub mod server;
+pub mod splice;
+
+pub use config::Config;
+pub use server::{run, Options};

@@ -1,0 +1,347 @@
+//! Forwarding both directions of a connection until both have ended, with half-close.
+//!
+//! The fast path is `splice(2)` socket -> pipe -> socket, driven by tokio readiness, with no
+//! user-space buffer. A pipe is borrowed from a bounded pool only while bytes are in flight, so
+//! idle connections hold no pipes (the per-user pipe budget is small). The copy path beside it
+//! moves the same bytes through a user-space buffer, for streams that are not plain sockets.
+//!
+//! Each direction runs on its own until its source reaches EOF, then shuts down the write half of
+//! its destination; the other direction keeps flowing. An error in either ends both.
+
+use crate::backend::BackendStream;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Pipe capacity requested with F_SETPIPE_SZ: large enough that one splice moves most of a
+/// socket's receive queue, small enough that 256 busy pipes fit the default per-user budget
+/// (fs.pipe-user-pages-soft = 64 MiB). If the kernel refuses, the default 64 KiB is used.
+pub const PIPE_SIZE: usize = 256 * 1024;
+/// Empty pipes kept for reuse; beyond this they are closed. Creating a pipe costs two syscalls
+/// plus one for F_SETPIPE_SZ, so reuse matters for short connections, but idle pipes still
+/// count against the per-user budget.
+pub const PIPE_POOL_MAX: usize = 64;
+/// Buffer per direction on the copy path.
+pub const COPY_BUF: usize = 64 * 1024;
+
+/// How bytes are moved once a backend is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardMode {
+    #[default]
+    Splice,
+    Copy,
+}
+
+/// A pipe whose both ends are non-blocking.
+#[derive(Debug)]
+pub struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    size: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let want = i32::try_from(PIPE_SIZE).unwrap_or(i32::MAX);
+        let size = match nix::fcntl::fcntl(&w, FcntlArg::F_SETPIPE_SZ(want)) {
+            Ok(n) => n,
+            // EPERM past the per-user budget: keep whatever the kernel gave us.
+            Err(_) => nix::fcntl::fcntl(&w, FcntlArg::F_GETPIPE_SZ)?,
+        };
+        Ok(Pipe {
+            r,
+            w,
+            size: usize::try_from(size).unwrap_or(4096).max(4096),
+        })
+    }
+}
+
+/// Bounded pool of empty pipes shared by all connections.
+#[derive(Debug, Default)]
+pub struct PipePool {
+    idle: Mutex<Vec<Pipe>>,
+}
+
+impl PipePool {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get(&self) -> io::Result<Pipe> {
+        let pooled = self.idle.lock().map(|mut v| v.pop()).unwrap_or(None);
+        match pooled {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Returns a pipe that is known to be empty.
+    fn put(&self, pipe: Pipe) {
+        if let Ok(mut v) = self.idle.lock() {
+            if v.len() < PIPE_POOL_MAX {
+                v.push(pipe);
+            }
+        }
+    }
+
+    /// Pipes currently pooled (for tests and metrics).
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+}
+
+/// A socket whose readiness tokio tracks, usable as a splice endpoint.
+pub trait SpliceSocket: AsFd + Sync {
+    fn ready_for(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn try_io_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+}
+
+macro_rules! splice_socket {
+    ($t:ty) => {
+        impl SpliceSocket for $t {
+            async fn ready_for(&self, interest: Interest) -> io::Result<()> {
+                self.ready(interest).await.map(|_| ())
+            }
+            fn try_io_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+                self.try_io(interest, f)
+            }
+        }
+    };
+}
+splice_socket!(TcpStream);
+splice_socket!(UnixStream);
+
+impl AsFd for BackendStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            BackendStream::Tcp(s) => s.as_fd(),
+            BackendStream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl SpliceSocket for BackendStream {
+    async fn ready_for(&self, interest: Interest) -> io::Result<()> {
+        match self {
+            BackendStream::Tcp(s) => s.ready_for(interest).await,
+            BackendStream::Unix(s) => s.ready_for(interest).await,
+        }
+    }
+    fn try_io_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        match self {
+            BackendStream::Tcp(s) => s.try_io(interest, f),
+            BackendStream::Unix(s) => s.try_io(interest, f),
+        }
+    }
+}
+
+/// Which peer a forwarding error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+}
+
+/// How forwarding ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions reached EOF.
+    Done,
+    /// No byte moved either way for the idle timeout.
+    Idle,
+    /// Shutdown deadline passed while the connection was still open.
+    Cancelled,
+    /// A read or write failed (reset, broken pipe); both sides are closed.
+    Error(Side, io::Error),
+}
+
+/// Bytes moved, counted as they move (valid however forwarding ended).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub client_to_backend: AtomicU64,
+    pub backend_to_client: AtomicU64,
+    /// Milliseconds since `start` of the last byte moved in either direction.
+    last_ms: AtomicU64,
+}
+
+impl Counters {
+    fn touch(&self, start: Instant) {
+        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn up(&self) -> u64 {
+        self.client_to_backend.load(Ordering::Relaxed)
+    }
+
+    pub fn down(&self) -> u64 {
+        self.backend_to_client.load(Ordering::Relaxed)
+    }
+}
+
+struct Dir<'a> {
+    bytes: &'a AtomicU64,
+    counters: &'a Counters,
+    start: Instant,
+    /// Side blamed for read errors; the other side is blamed for write errors.
+    src: Side,
+    dst: Side,
+}
+
+fn shutdown_write(fd: BorrowedFd<'_>) {
+    // ENOTCONN when the peer is already gone is fine: there is nobody left to tell.
+    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+}
+
+/// Moves bytes src -> dst with splice until src's EOF, then half-closes dst.
+async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
+    src: &S,
+    dst: &D,
+    pool: &PipePool,
+    d: Dir<'_>,
+) -> Result<(), (Side, io::Error)> {
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    loop {
+        src.ready_for(Interest::READABLE).await.map_err(|e| (d.src, e))?;
+        let pipe = pool.get().map_err(|e| (d.src, e))?;
+        // The pipe is empty here, so EAGAIN from this splice means the socket is drained and
+        // clearing the socket's read readiness is correct.
+        loop {
+            let n = match src.try_io_with(Interest::READABLE, || {
+                nix::fcntl::splice(src.as_fd(), None, &pipe.w, None, pipe.size, flags).map_err(io::Error::from)
+            }) {
+                Ok(0) => {
+                    pool.put(pipe);
+                    shutdown_write(dst.as_fd());
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pool.put(pipe);
+                    break;
+                }
+                Err(e) => {
+                    pool.put(pipe);
+                    return Err((d.src, e));
+                }
+            };
+            d.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            d.counters.touch(d.start);
+            // The pipe holds n bytes here, so EAGAIN means the destination socket is full.
+            let mut left = n;
+            while left > 0 {
+                dst.ready_for(Interest::WRITABLE).await.map_err(|e| (d.dst, e))?;
+                match dst.try_io_with(Interest::WRITABLE, || {
+                    nix::fcntl::splice(&pipe.r, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+                }) {
+                    Ok(0) => return Err((d.dst, io::ErrorKind::WriteZero.into())),
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // A pipe with bytes left in it is dropped here, never pooled.
+                    Err(e) => return Err((d.dst, e)),
+                }
+            }
+            d.counters.touch(d.start);
+        }
+    }
+}
+
+/// Moves bytes src -> dst through a user-space buffer until src's EOF, then half-closes dst.
+async fn copy_dir<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    src: &mut R,
+    dst: &mut W,
+    d: Dir<'_>,
+) -> Result<(), (Side, io::Error)> {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = src.read(&mut buf).await.map_err(|e| (d.src, e))?;
+        if n == 0 {
+            // The peer may already be gone; its EOF is all we had to deliver.
+            let _ = dst.shutdown().await;
+            return Ok(());
+        }
+        d.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        d.counters.touch(d.start);
+        dst.write_all(&buf[..n]).await.map_err(|e| (d.dst, e))?;
+        d.counters.touch(d.start);
+    }
+}
+
+/// Resolves when no byte has moved for `idle`.
+async fn idle_watch(counters: &Counters, start: Instant, idle: Duration) {
+    loop {
+        let last = start + Duration::from_millis(counters.last_ms.load(Ordering::Relaxed));
+        let deadline = last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// Forwards between a client socket and a backend until both directions end, the idle timeout
+/// fires or `cancel` is triggered. Byte counts land in `counters` as they move.
+pub async fn forward(
+    client: &mut TcpStream,
+    backend: &mut BackendStream,
+    mode: ForwardMode,
+    pool: &PipePool,
+    idle: Duration,
+    cancel: &CancellationToken,
+    counters: &Counters,
+) -> End {
+    let start = Instant::now();
+    counters.touch(start);
+    let up = Dir {
+        bytes: &counters.client_to_backend,
+        counters,
+        start,
+        src: Side::Client,
+        dst: Side::Backend,
+    };
+    let down = Dir {
+        bytes: &counters.backend_to_client,
+        counters,
+        start,
+        src: Side::Backend,
+        dst: Side::Client,
+    };
+    let both = async {
+        match mode {
+            ForwardMode::Splice => {
+                let (c, b) = (&*client, &*backend);
+                tokio::try_join!(splice_dir(c, b, pool, up), splice_dir(b, c, pool, down))
+            }
+            ForwardMode::Copy => {
+                let (mut cr, mut cw) = tokio::io::split(&mut *client);
+                let (mut br, mut bw) = tokio::io::split(&mut *backend);
+                tokio::try_join!(copy_dir(&mut cr, &mut bw, up), copy_dir(&mut br, &mut cw, down))
+            }
+        }
+    };
+    tokio::select! {
+        r = both => match r {
+            Ok(_) => End::Done,
+            Err((side, e)) => End::Error(side, e),
+        },
+        _ = idle_watch(counters, start, idle) => End::Idle,
+        _ = cancel.cancelled() => End::Cancelled,
+    }
+}
