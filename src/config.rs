@@ -25,7 +25,10 @@ pub enum BackendAddr {
     /// Linux abstract socket name (without the leading NUL).
     Abstract(Vec<u8>),
     Tcp(SocketAddr),
-    Host { host: String, port: u16 },
+    Host {
+        host: String,
+        port: u16,
+    },
 }
 
 impl fmt::Display for BackendAddr {
@@ -47,7 +50,9 @@ impl BackendAddr {
                     return Err("abstract socket name is empty".into());
                 }
                 if name.len() > MAX_UNIX_PATH {
-                    return Err(format!("abstract socket name longer than {MAX_UNIX_PATH} bytes"));
+                    return Err(format!(
+                        "abstract socket name longer than {MAX_UNIX_PATH} bytes"
+                    ));
                 }
                 return Ok(BackendAddr::Abstract(name.as_bytes().to_vec()));
             }
@@ -57,7 +62,9 @@ impl BackendAddr {
                 ));
             }
             if path.len() > MAX_UNIX_PATH {
-                return Err(format!("unix socket path longer than {MAX_UNIX_PATH} bytes"));
+                return Err(format!(
+                    "unix socket path longer than {MAX_UNIX_PATH} bytes"
+                ));
             }
             return Ok(BackendAddr::Unix(PathBuf::from(path)));
         }
@@ -78,7 +85,9 @@ impl BackendAddr {
             .filter(|&p| p != 0)
             .ok_or_else(|| format!("{port:?} is not a port number (1-65535)"))?;
         if host.contains(':') || host.starts_with('[') {
-            return Err(format!("{s:?}: an IPv6 address needs brackets, as in [fd00::5]:443"));
+            return Err(format!(
+                "{s:?}: an IPv6 address needs brackets, as in [fd00::5]:443"
+            ));
         }
         let name = ServerName::parse(host.as_bytes())
             .map_err(|e| format!("{host:?} is neither an IP address nor a host name: {e}"))?;
@@ -184,7 +193,11 @@ impl ConfigError {
             path: path.to_owned(),
             line,
             column,
-            key: if key.is_empty() { "(top level)".into() } else { key },
+            key: if key.is_empty() {
+                "(top level)".into()
+            } else {
+                key
+            },
             message: message.trim_end().to_owned(),
         }
     }
@@ -325,7 +338,11 @@ impl RawConfig {
             None => vec![SocketAddr::from(([0u16; 8], 443))],
             Some(list) => {
                 if list.get_ref().is_empty() {
-                    return Err(err(list.span(), "listen".into(), "needs at least one address".into()));
+                    return Err(err(
+                        list.span(),
+                        "listen".into(),
+                        "needs at least one address".into(),
+                    ));
                 }
                 let mut out = Vec::new();
                 for (i, a) in list.get_ref().iter().enumerate() {
@@ -340,7 +357,11 @@ impl RawConfig {
                         )
                     })?;
                     if out.contains(&addr) {
-                        return Err(err(a.span(), format!("listen[{i}]"), format!("{addr} is listed twice")));
+                        return Err(err(
+                            a.span(),
+                            format!("listen[{i}]"),
+                            format!("{addr} is listed twice"),
+                        ));
                     }
                     out.push(addr);
                 }
@@ -351,8 +372,13 @@ impl RawConfig {
         let mut routes = RouteTable::new();
         for (key, value) in self.routes {
             let key_label = format!("routes.{:?}", key.get_ref());
-            let pattern = Pattern::parse(key.get_ref())
-                .map_err(|e| err(key.span(), key_label.clone(), format!("bad server name: {e}")))?;
+            let pattern = Pattern::parse(key.get_ref()).map_err(|e| {
+                err(
+                    key.span(),
+                    key_label.clone(),
+                    format!("bad server name: {e}"),
+                )
+            })?;
             let value_span = value.span();
             let table = value.into_inner().0;
             let route = build_route(key.get_ref().as_str(), table, value_span, &key_label)
@@ -371,14 +397,23 @@ impl RawConfig {
         let mut timeouts = Timeouts::default();
         let t = self.timeouts;
         for (name, value, slot, allow_zero) in [
-            ("client_hello", t.client_hello, &mut timeouts.client_hello, false),
+            (
+                "client_hello",
+                t.client_hello,
+                &mut timeouts.client_hello,
+                false,
+            ),
             ("connect", t.connect, &mut timeouts.connect, false),
             ("idle", t.idle, &mut timeouts.idle, false),
             ("shutdown", t.shutdown, &mut timeouts.shutdown, true),
         ] {
             if let Some(v) = value {
                 if v.get_ref().0.is_zero() && !allow_zero {
-                    return Err(err(v.span(), format!("timeouts.{name}"), "must be more than zero".into()));
+                    return Err(err(
+                        v.span(),
+                        format!("timeouts.{name}"),
+                        "must be more than zero".into(),
+                    ));
                 }
                 *slot = v.get_ref().0;
             }
@@ -403,8 +438,13 @@ fn build_route(
 ) -> Result<Route, SpannedError> {
     let b = &table.backend;
     // A bare-string route carries no span of its own: point at the whole value instead.
-    let span = if b.span() == (0..0) { value_span } else { b.span() };
-    let backend = BackendAddr::parse(b.get_ref()).map_err(|m| (span, format!("{key}.backend"), m))?;
+    let span = if b.span() == (0..0) {
+        value_span
+    } else {
+        b.span()
+    };
+    let backend =
+        BackendAddr::parse(b.get_ref()).map_err(|m| (span, format!("{key}.backend"), m))?;
     Ok(Route {
         label: label.into(),
         backend,
@@ -453,18 +493,33 @@ shutdown = "30s"
         };
         assert_eq!(
             get("git.example.org"),
-            Some(("git.example.org".into(), BackendAddr::Unix("/run/gitea/tls.sock".into())))
+            Some((
+                "git.example.org".into(),
+                BackendAddr::Unix("/run/gitea/tls.sock".into())
+            ))
         );
-        assert_eq!(get("chat.example.org").unwrap().1, BackendAddr::Abstract(b"xmpp".to_vec()));
+        assert_eq!(
+            get("chat.example.org").unwrap().1,
+            BackendAddr::Abstract(b"xmpp".to_vec())
+        );
         assert_eq!(
             get("a.lab.example.org"),
-            Some(("*.lab.example.org".into(), BackendAddr::Tcp("172.17.0.5:443".parse().unwrap())))
+            Some((
+                "*.lab.example.org".into(),
+                BackendAddr::Tcp("172.17.0.5:443".parse().unwrap())
+            ))
         );
         assert_eq!(
             get("wiki.example.org").unwrap().1,
-            BackendAddr::Host { host: "wiki.internal".into(), port: 8443 }
+            BackendAddr::Host {
+                host: "wiki.internal".into(),
+                port: 8443
+            }
         );
-        assert_eq!(get("old.example.org").unwrap().1, BackendAddr::Tcp("[fd00::5]:443".parse().unwrap()));
+        assert_eq!(
+            get("old.example.org").unwrap().1,
+            BackendAddr::Tcp("[fd00::5]:443".parse().unwrap())
+        );
         assert_eq!(c.routes.fallback().unwrap().label.as_ref(), "fallback");
         assert_eq!(c.timeouts, Timeouts::default());
         assert!(c.summary().contains("5 routes"));
@@ -481,19 +536,34 @@ shutdown = "30s"
     #[test]
     fn unknown_keys_are_errors_with_location() {
         let e = err("listen = [\"127.0.0.1:1\"]\nbogus = 1\n");
-        assert!(e.starts_with("/etc/sniplex/test.toml:2:1: bogus: unknown field `bogus`"), "{e}");
+        assert!(
+            e.starts_with("/etc/sniplex/test.toml:2:1: bogus: unknown field `bogus`"),
+            "{e}"
+        );
         let e = err("[timeouts]\nconnect = \"1s\"\nconect = \"2s\"\n");
-        assert!(e.starts_with("/etc/sniplex/test.toml:3:1: timeouts.conect: unknown field"), "{e}");
+        assert!(
+            e.starts_with("/etc/sniplex/test.toml:3:1: timeouts.conect: unknown field"),
+            "{e}"
+        );
         let e = err("[routes]\n\"a.example\" = { backend = \"10.0.0.1:1\", weight = 3 }\n");
-        assert!(e.contains(":2:") && e.contains("weight") && e.contains("unknown field"), "{e}");
+        assert!(
+            e.contains(":2:") && e.contains("weight") && e.contains("unknown field"),
+            "{e}"
+        );
         let e = err("[routes.\"a.example\"]\nbackend = \"10.0.0.1:1\"\nbakend = 1\n");
-        assert!(e.contains(":3:1: routes.\"a.example\".bakend: unknown field"), "{e}");
+        assert!(
+            e.contains(":3:1: routes.\"a.example\".bakend: unknown field"),
+            "{e}"
+        );
     }
 
     #[test]
     fn type_errors_name_the_key() {
         let e = err("[timeouts]\nidle = \"forever\"\n");
-        assert!(e.starts_with("/etc/sniplex/test.toml:2:8: timeouts.idle:"), "{e}");
+        assert!(
+            e.starts_with("/etc/sniplex/test.toml:2:8: timeouts.idle:"),
+            "{e}"
+        );
         let e = err("listen = 443\n");
         assert!(e.starts_with("/etc/sniplex/test.toml:1:10: listen:"), "{e}");
         let e = err("[routes]\n\"a.example\" = 5\n");
@@ -505,19 +575,33 @@ shutdown = "30s"
         let e = err("[routes]\n\"a.example\" = \"unix:run/a.sock\"\n");
         assert!(e.starts_with("/etc/sniplex/test.toml:2:15: routes.\"a.example\".backend: unix socket path \"run/a.sock\" is relative"), "{e}");
         let e = err("[routes]\n\"a.*.org\" = \"unix:/a\"\n");
-        assert!(e.starts_with("/etc/sniplex/test.toml:2:1: routes.\"a.*.org\": bad server name"), "{e}");
+        assert!(
+            e.starts_with("/etc/sniplex/test.toml:2:1: routes.\"a.*.org\": bad server name"),
+            "{e}"
+        );
         let e = err("[routes]\n\"A.example\" = \"unix:/a\"\n\"a.example.\" = \"unix:/b\"\n");
         assert!(e.contains("duplicate route a.example"), "{e}");
         let e = err("listen = [\"127.0.0.1:1\", \"localhost:443\"]\n");
-        assert!(e.starts_with("/etc/sniplex/test.toml:1:26: listen[1]: \"localhost:443\" is not an IP:PORT"), "{e}");
+        assert!(
+            e.starts_with(
+                "/etc/sniplex/test.toml:1:26: listen[1]: \"localhost:443\" is not an IP:PORT"
+            ),
+            "{e}"
+        );
         let e = err("[routes]\n\"a.example\" = \"fd00::5:443\"\n");
         assert!(e.contains("needs brackets"), "{e}");
         let e = err("[routes]\n\"a.example\" = { backend = \"host:0\" }\n");
-        assert!(e.contains(":2:27: routes.\"a.example\".backend:") && e.contains("port"), "{e}");
+        assert!(
+            e.contains(":2:27: routes.\"a.example\".backend:") && e.contains("port"),
+            "{e}"
+        );
         let e = err("[fallback]\nbackend = \"unix:\"\n");
         assert!(e.contains(":2:11: fallback.backend:"), "{e}");
         let e = err("[timeouts]\nconnect = \"0s\"\n");
-        assert!(e.contains(":2:11: timeouts.connect: must be more than zero"), "{e}");
+        assert!(
+            e.contains(":2:11: timeouts.connect: must be more than zero"),
+            "{e}"
+        );
         let e = err("listen = []\n");
         assert!(e.contains("listen: needs at least one address"), "{e}");
     }

@@ -43,7 +43,10 @@ pub enum Reject {
     #[error("no route for this name and no fallback")]
     NoRoute,
     #[error("backend {backend}: {error}")]
-    Backend { backend: String, error: ConnectError },
+    Backend {
+        backend: String,
+        error: ConnectError,
+    },
     #[error("server shutting down")]
     Shutdown,
 }
@@ -102,7 +105,15 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>
     let counters = Counters::default();
     let mut hello_info: Option<ClientHello> = None;
     let mut route: Option<Arc<Route>> = None;
-    let outcome = pipeline(&mut client, &config, &shared, &counters, &mut hello_info, &mut route).await;
+    let outcome = pipeline(
+        &mut client,
+        &config,
+        &shared,
+        &counters,
+        &mut hello_info,
+        &mut route,
+    )
+    .await;
 
     let sni = hello_info
         .as_ref()
@@ -183,17 +194,30 @@ async fn pipeline(
         },
         _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
     };
-    counters
-        .client_to_backend
-        .fetch_add(reader.buffered().len() as u64, std::sync::atomic::Ordering::Relaxed);
+    counters.client_to_backend.fetch_add(
+        reader.buffered().len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     drop(reader);
 
     // 4. Forward both ways until both end.
-    let end = splice::forward(client, &mut backend, shared.forward, &shared.pipes, t.idle, cancel, counters).await;
+    let end = splice::forward(
+        client,
+        &mut backend,
+        shared.forward,
+        &shared.pipes,
+        t.idle,
+        cancel,
+        counters,
+    )
+    .await;
     Outcome::Forwarded(end)
 }
 
-async fn read_hello(client: &mut TcpStream, reader: &mut HelloReader) -> Result<ClientHello, Reject> {
+async fn read_hello(
+    client: &mut TcpStream,
+    reader: &mut HelloReader,
+) -> Result<ClientHello, Reject> {
     let mut buf = [0u8; HELLO_READ];
     loop {
         let n = client.read(&mut buf).await.map_err(Reject::ClientIo)?;

@@ -97,7 +97,9 @@ impl HelloReader {
     /// Appends `data` and advances. `Ok(None)` means the hello is not complete yet.
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<ClientHello>, HelloError> {
         if self.raw.len() + data.len() > MAX_BUFFERED {
-            return Err(HelloError::TooLarge("more than 64 KiB before the hello was complete"));
+            return Err(HelloError::TooLarge(
+                "more than 64 KiB before the hello was complete",
+            ));
         }
         self.raw.extend_from_slice(data);
         self.advance()
@@ -184,7 +186,9 @@ fn check_handshake_type(t: u8) -> Result<(), HelloError> {
     if t == HANDSHAKE_CLIENT_HELLO {
         Ok(())
     } else {
-        Err(HelloError::Malformed("first handshake message is not a ClientHello"))
+        Err(HelloError::Malformed(
+            "first handshake message is not a ClientHello",
+        ))
     }
 }
 
@@ -192,7 +196,9 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, HelloError> {
     let (rest, ch) = tls_parser::parse_tls_handshake_client_hello(body)
         .map_err(|_| HelloError::Malformed("ClientHello body does not parse"))?;
     if !rest.is_empty() {
-        return Err(HelloError::Malformed("trailing bytes after ClientHello extensions"));
+        return Err(HelloError::Malformed(
+            "trailing bytes after ClientHello extensions",
+        ));
     }
     let mut hello = ClientHello {
         sni: None,
@@ -212,9 +218,9 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, HelloError> {
         }
         let ext_type = u16::from_be_bytes([exts[0], exts[1]]);
         let ext_len = usize::from(u16::from_be_bytes([exts[2], exts[3]]));
-        let data = exts
-            .get(4..4 + ext_len)
-            .ok_or(HelloError::Malformed("extension longer than the extension block"))?;
+        let data = exts.get(4..4 + ext_len).ok_or(HelloError::Malformed(
+            "extension longer than the extension block",
+        ))?;
         exts = &exts[4 + ext_len..];
         match ext_type {
             EXT_SERVER_NAME => {
@@ -244,10 +250,14 @@ fn parse_sni(data: &[u8], hello: &mut ClientHello) -> Result<(), HelloError> {
     }
     let Ok((rest, TlsExtension::SNI(names))) = tls_parser::parse_tls_extension_sni_content(data)
     else {
-        return Err(HelloError::Malformed("server_name extension does not parse"));
+        return Err(HelloError::Malformed(
+            "server_name extension does not parse",
+        ));
     };
     if !rest.is_empty() {
-        return Err(HelloError::Malformed("trailing bytes in server_name extension"));
+        return Err(HelloError::Malformed(
+            "trailing bytes in server_name extension",
+        ));
     }
     if let Some((_, name)) = names.iter().find(|(t, _)| *t == SNIType::HostName) {
         match ServerName::parse(name) {
@@ -266,7 +276,7 @@ fn parse_alpn(data: &[u8]) -> Result<Vec<Vec<u8>>, HelloError> {
         return Err(HelloError::Malformed("ALPN list length mismatch"));
     }
     match tls_parser::parse_tls_extension_alpn_content(data) {
-        Ok((rest, TlsExtension::ALPN(protos))) if rest.is_empty() => {
+        Ok((&[], TlsExtension::ALPN(protos))) => {
             if protos.iter().any(|p| p.is_empty()) {
                 return Err(HelloError::Malformed("empty ALPN protocol name"));
             }
@@ -424,7 +434,9 @@ mod tests {
 
     #[test]
     fn no_sni_and_bad_sni() {
-        let hello = read_client_hello(&client_hello(None, &[], 0)).unwrap().unwrap();
+        let hello = read_client_hello(&client_hello(None, &[], 0))
+            .unwrap()
+            .unwrap();
         assert_eq!(hello.sni, None);
         assert_eq!(hello.bad_sni, None);
         let hello = read_client_hello(&client_hello(Some("a b"), &[], 0))
@@ -488,7 +500,9 @@ mod tests {
         );
         // ServerHello instead of ClientHello, visible from the 6th byte.
         assert_eq!(
-            read_client_hello(&[22, 3, 3, 0, 10, 2]).unwrap_err().label(),
+            read_client_hello(&[22, 3, 3, 0, 10, 2])
+                .unwrap_err()
+                .label(),
             "malformed"
         );
         // A complete message whose body is garbage.

@@ -17,13 +17,18 @@ pub fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
             let v4_too = addrs
                 .iter()
                 .any(|a| a.is_ipv4() && a.port() == addr.port() && a.ip().is_unspecified());
-            bind(*addr, v4_too).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+            bind(*addr, v4_too)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
         })
         .collect()
 }
 
 fn bind(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     if addr.is_ipv6() {
         socket.set_only_v6(v6_only)?;
     }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "sniplex", version, about = "TLS SNI router: one port 443, many services, spliced zero-copy")]
+#[command(
+    name = "sniplex",
+    version,
+    about = "TLS SNI router: one port 443, many services, spliced zero-copy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -111,7 +111,10 @@ mod tests {
         assert_eq!(ServerName::parse(b"a b"), Err(NameError::BadChar(' ')));
         assert_eq!(ServerName::parse(b"*.a"), Err(NameError::BadChar('*')));
         assert_eq!(ServerName::parse(b"-a.b"), Err(NameError::HyphenEdge));
-        assert_eq!(ServerName::parse(b"a\xff"), Err(NameError::BadChar('\u{ff}')));
+        assert_eq!(
+            ServerName::parse(b"a\xff"),
+            Err(NameError::BadChar('\u{ff}'))
+        );
         let long_label = vec![b'a'; 64];
         assert_eq!(ServerName::parse(&long_label), Err(NameError::LabelTooLong));
         let long = [b"a.".repeat(127), b"ab".to_vec()].concat();

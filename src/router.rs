@@ -192,17 +192,31 @@ mod tests {
             .insert(Pattern::parse("Git.Example.org.").unwrap(), "dup")
             .unwrap_err();
         assert_eq!(e.0, "git.example.org");
-        assert!(t.insert(Pattern::parse("*.EXAMPLE.org").unwrap(), "dup").is_err());
+        assert!(t
+            .insert(Pattern::parse("*.EXAMPLE.org").unwrap(), "dup")
+            .is_err());
         assert_eq!(t.len(), 4);
     }
 
     #[test]
     fn malformed_patterns() {
-        assert_eq!(Pattern::parse("a.*.org"), Err(PatternError::MisplacedWildcard));
-        assert_eq!(Pattern::parse("*a.org"), Err(PatternError::MisplacedWildcard));
-        assert_eq!(Pattern::parse("*.*.org"), Err(PatternError::MisplacedWildcard));
+        assert_eq!(
+            Pattern::parse("a.*.org"),
+            Err(PatternError::MisplacedWildcard)
+        );
+        assert_eq!(
+            Pattern::parse("*a.org"),
+            Err(PatternError::MisplacedWildcard)
+        );
+        assert_eq!(
+            Pattern::parse("*.*.org"),
+            Err(PatternError::MisplacedWildcard)
+        );
         assert_eq!(Pattern::parse("*"), Err(PatternError::MisplacedWildcard));
         assert!(matches!(Pattern::parse("*."), Err(PatternError::Name(_))));
-        assert!(matches!(Pattern::parse("a..org"), Err(PatternError::Name(_))));
+        assert!(matches!(
+            Pattern::parse("a..org"),
+            Err(PatternError::Name(_))
+        ));
     }
 }

@@ -61,8 +61,14 @@ pub async fn run(
     connections.close();
     let drain = shared.config.load().timeouts.shutdown;
     tracing::info!(open = connections.len(), deadline = ?drain, "stopped accepting; draining");
-    if tokio::time::timeout(drain, connections.wait()).await.is_err() {
-        tracing::warn!(open = connections.len(), "drain deadline passed; closing remaining connections");
+    if tokio::time::timeout(drain, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "drain deadline passed; closing remaining connections"
+        );
         shared.force_close.cancel();
         let _ = tokio::time::timeout(FORCE_CLOSE_GRACE, connections.wait()).await;
     }

@@ -100,8 +100,15 @@ impl PipePool {
 
 /// A socket whose readiness tokio tracks, usable as a splice endpoint.
 pub trait SpliceSocket: AsFd + Sync {
-    fn ready_for(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<()>> + Send;
-    fn try_io_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    fn ready_for(
+        &self,
+        interest: Interest,
+    ) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    fn try_io_with<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R>;
 }
 
 macro_rules! splice_socket {
@@ -110,7 +117,11 @@ macro_rules! splice_socket {
             async fn ready_for(&self, interest: Interest) -> io::Result<()> {
                 self.ready(interest).await.map(|_| ())
             }
-            fn try_io_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+            fn try_io_with<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
                 self.try_io(interest, f)
             }
         }
@@ -135,7 +146,11 @@ impl SpliceSocket for BackendStream {
             BackendStream::Unix(s) => s.ready_for(interest).await,
         }
     }
-    fn try_io_with<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+    fn try_io_with<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
         match self {
             BackendStream::Tcp(s) => s.try_io(interest, f),
             BackendStream::Unix(s) => s.try_io(interest, f),
@@ -219,13 +234,16 @@ async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
 ) -> Result<(), (Side, io::Error)> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
-        src.ready_for(Interest::READABLE).await.map_err(|e| (d.src, e))?;
+        src.ready_for(Interest::READABLE)
+            .await
+            .map_err(|e| (d.src, e))?;
         let pipe = pool.get().map_err(|e| (d.src, e))?;
         // The pipe is empty here, so EAGAIN from this splice means the socket is drained and
         // clearing the socket's read readiness is correct.
         loop {
             let n = match src.try_io_with(Interest::READABLE, || {
-                nix::fcntl::splice(src.as_fd(), None, &pipe.w, None, pipe.size, flags).map_err(io::Error::from)
+                nix::fcntl::splice(src.as_fd(), None, &pipe.w, None, pipe.size, flags)
+                    .map_err(io::Error::from)
             }) {
                 Ok(0) => {
                     pool.put(pipe);
@@ -247,9 +265,12 @@ async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
             // The pipe holds n bytes here, so EAGAIN means the destination socket is full.
             let mut left = n;
             while left > 0 {
-                dst.ready_for(Interest::WRITABLE).await.map_err(|e| (d.dst, e))?;
+                dst.ready_for(Interest::WRITABLE)
+                    .await
+                    .map_err(|e| (d.dst, e))?;
                 match dst.try_io_with(Interest::WRITABLE, || {
-                    nix::fcntl::splice(&pipe.r, None, dst.as_fd(), None, left, flags).map_err(io::Error::from)
+                    nix::fcntl::splice(&pipe.r, None, dst.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
                 }) {
                     Ok(0) => return Err((d.dst, io::ErrorKind::WriteZero.into())),
                     Ok(m) => left -= m,
@@ -332,7 +353,10 @@ pub async fn forward(
             ForwardMode::Copy => {
                 let (mut cr, mut cw) = tokio::io::split(&mut *client);
                 let (mut br, mut bw) = tokio::io::split(&mut *backend);
-                tokio::try_join!(copy_dir(&mut cr, &mut bw, up), copy_dir(&mut br, &mut cw, down))
+                tokio::try_join!(
+                    copy_dir(&mut cr, &mut bw, up),
+                    copy_dir(&mut br, &mut cw, down)
+                )
             }
         }
     };

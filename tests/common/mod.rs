@@ -1,0 +1,685 @@
+//! Test harness: a throwaway PKI (rcgen), TLS backends on Unix, abstract and TCP sockets
+//! (tokio-rustls), the router in-process or as the real binary, and rustls clients. Addresses
+//! always come from the code (port 0, temp dirs); nothing waits on a sleep.
+#![allow(dead_code)]
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sha2::{Digest, Sha256};
+use std::io::{self, BufRead};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+
+/// Upper bound for any single wait in a test: generous, since CI machines are small and busy.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A CA and one leaf certificate covering every name the tests use.
+pub struct Pki {
+    pub ca_pem: String,
+    pub ca_der: CertificateDer<'static>,
+    pub leaf_pem: String,
+    pub key_pem: String,
+    leaf_der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+pub const LEAF_NAMES: &[&str] = &[
+    "git.test",
+    "chat.test",
+    "v6.test",
+    "nobody.test",
+    "down.test",
+    "x.test",
+    "slow.test",
+    "lab.test",
+    "blog.test",
+    "metrics.test",
+    "*.lab.test",
+    "localhost",
+    "127.0.0.1",
+    "::1",
+];
+
+impl Pki {
+    pub fn new() -> Pki {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "sniplex test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_params = rcgen::CertificateParams::new(
+            LEAF_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+        Pki {
+            ca_pem: ca_cert.pem(),
+            ca_der: ca_cert.der().clone(),
+            leaf_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+            leaf_der: leaf.der().clone(),
+            key_der: leaf_key.serialize_der(),
+        }
+    }
+
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let key = PrivateKeyDer::try_from(self.key_der.clone()).unwrap();
+        Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![self.leaf_der.clone()], key)
+                .unwrap(),
+        )
+    }
+
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let mut c = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        // Every connection must be a full handshake with a full ClientHello.
+        c.resumption = rustls::client::Resumption::disabled();
+        Arc::new(c)
+    }
+
+    /// Writes ca.pem, cert.pem and key.pem into `dir`.
+    pub fn write_to(&self, dir: &Path) {
+        std::fs::write(dir.join("ca.pem"), &self.ca_pem).unwrap();
+        std::fs::write(dir.join("cert.pem"), &self.leaf_pem).unwrap();
+        std::fs::write(dir.join("key.pem"), &self.key_pem).unwrap();
+    }
+}
+
+/// Where a test backend listens.
+pub enum Listen {
+    Unix(PathBuf),
+    Abstract(String),
+    Tcp(SocketAddr),
+}
+
+/// What a backend saw on a connection, reported after the client's EOF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub backend: String,
+    pub command: String,
+    pub bytes: u64,
+    pub sha: String,
+}
+
+/// A TLS backend. Per connection, after the handshake, the client's first line is a command:
+/// - `ID`: reply with the backend's id line, then close.
+/// - `ECHO`: echo every byte until EOF, then half-close.
+/// - `SINK`: read until EOF, reply `<bytes> <sha256>`, close.
+/// - `SOURCE <n>`: send n pattern bytes and half-close; then read until EOF and report it.
+/// - `HOLD`: read until EOF, reply `bye`, close.
+///
+/// Every connection's incoming byte count and hash are also reported on `seen`.
+pub struct Backend {
+    pub id: String,
+    /// The address as sniplex's config writes it.
+    pub config_addr: String,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(id: &str, listen: Listen, pki: &Pki) -> Backend {
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+        let (tx, seen) = mpsc::unbounded_channel();
+        let id_owned = id.to_owned();
+        let (config_addr, task) = match listen {
+            Listen::Unix(path) => {
+                let l = UnixListener::bind(&path).unwrap();
+                let addr = format!("unix:{}", path.display());
+                (
+                    addr,
+                    tokio::spawn(async move {
+                        loop {
+                            let Ok((s, _)) = l.accept().await else {
+                                continue;
+                            };
+                            tokio::spawn(serve(s, acceptor.clone(), id_owned.clone(), tx.clone()));
+                        }
+                    }),
+                )
+            }
+            Listen::Abstract(name) => {
+                let l = UnixListener::bind(format!("\0{name}")).unwrap();
+                (
+                    format!("unix:@{name}"),
+                    tokio::spawn(async move {
+                        loop {
+                            let Ok((s, _)) = l.accept().await else {
+                                continue;
+                            };
+                            tokio::spawn(serve(s, acceptor.clone(), id_owned.clone(), tx.clone()));
+                        }
+                    }),
+                )
+            }
+            Listen::Tcp(addr) => {
+                let l = TcpListener::bind(addr).await.unwrap();
+                let addr = l.local_addr().unwrap();
+                (
+                    addr.to_string(),
+                    tokio::spawn(async move {
+                        loop {
+                            let Ok((s, _)) = l.accept().await else {
+                                continue;
+                            };
+                            tokio::spawn(serve(s, acceptor.clone(), id_owned.clone(), tx.clone()));
+                        }
+                    }),
+                )
+            }
+        };
+        Backend {
+            id: id.to_owned(),
+            config_addr,
+            seen,
+            task,
+        }
+    }
+
+    pub async fn next_seen(&mut self) -> Seen {
+        tokio::time::timeout(DEADLINE, self.seen.recv())
+            .await
+            .expect("backend reported nothing")
+            .expect("backend gone")
+    }
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    acceptor: tokio_rustls::TlsAcceptor,
+    id: String,
+    tx: mpsc::UnboundedSender<Seen>,
+) {
+    let Ok(tls) = acceptor.accept(s).await else {
+        return;
+    };
+    let (r, mut w) = tokio::io::split(tls);
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+        return;
+    }
+    let cmd = line.trim().to_owned();
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let verb = cmd.split_whitespace().next().unwrap_or("");
+    match verb {
+        "ID" => {
+            let _ = w.write_all(format!("{id}\n").as_bytes()).await;
+            let _ = w.shutdown().await;
+        }
+        "ECHO" => loop {
+            let n = match r.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = w.shutdown().await;
+                    break;
+                }
+                Ok(n) => n,
+            };
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+            if w.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        },
+        "SINK" | "HOLD" | "SOURCE" => {
+            if verb == "SOURCE" {
+                let n: u64 = cmd
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                if write_pattern(&mut w, n).await.is_err() {
+                    return;
+                }
+                let _ = w.shutdown().await;
+            }
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        bytes += n as u64;
+                    }
+                }
+            }
+            let sha = hex(&hasher.clone().finalize());
+            if verb == "SINK" {
+                let _ = w.write_all(format!("{bytes} {sha}\n").as_bytes()).await;
+            } else if verb == "HOLD" {
+                let _ = w.write_all(b"bye\n").await;
+            }
+            let _ = w.shutdown().await;
+        }
+        _ => {}
+    }
+    let _ = tx.send(Seen {
+        backend: id,
+        command: cmd,
+        bytes,
+        sha: hex(&hasher.finalize()),
+    });
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Deterministic test data: byte i of the stream is a function of i.
+pub fn pattern(offset: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        let x = offset + i as u64;
+        *b = (x ^ (x >> 8) ^ (x >> 16)).wrapping_mul(31) as u8;
+    }
+}
+
+pub fn pattern_sha(n: u64) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < n {
+        let k = (n - off).min(buf.len() as u64) as usize;
+        pattern(off, &mut buf[..k]);
+        h.update(&buf[..k]);
+        off += k as u64;
+    }
+    hex(&h.finalize())
+}
+
+pub async fn write_pattern<W: AsyncWrite + Unpin>(w: &mut W, n: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < n {
+        let k = (n - off).min(buf.len() as u64) as usize;
+        pattern(off, &mut buf[..k]);
+        w.write_all(&buf[..k]).await?;
+        off += k as u64;
+    }
+    Ok(())
+}
+
+/// Reads to EOF, returning the byte count and SHA-256.
+pub async fn read_all_sha<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u64, String)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf).await?;
+        if k == 0 {
+            return Ok((n, hex(&h.finalize())));
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+/// Server name for a client: a DNS name, or an IP (then rustls sends no SNI at all).
+pub fn server_name(name: &str) -> ServerName<'static> {
+    ServerName::try_from(name.to_owned()).unwrap()
+}
+
+/// A TLS connection through `addr` to whatever backend `name` routes to.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    tokio::time::timeout(
+        DEADLINE,
+        tokio_rustls::TlsConnector::from(config).connect(server_name(name), tcp),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
+}
+
+/// Same, over a transport adapter (to shape how the ClientHello is sent).
+pub async fn tls_connect_over<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<S>> {
+    tokio::time::timeout(
+        DEADLINE,
+        tokio_rustls::TlsConnector::from(config).connect(server_name(name), io),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
+}
+
+/// Asks the backend behind `name` for its id.
+pub async fn whoami(addr: SocketAddr, name: &str, pki: &Pki) -> io::Result<String> {
+    let mut s = tls_connect(addr, name, pki.client_config(&[])).await?;
+    s.write_all(b"ID\n").await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out.trim().to_owned())
+}
+
+/// The TLS alert a failed handshake ended with, if that is how it failed.
+pub fn alert_of(e: &io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// Writes at most `chunk` bytes per write for the first `limit` bytes (each becomes its own
+/// TCP segment with TCP_NODELAY), then passes writes through.
+pub struct Chunked<S> {
+    pub inner: S,
+    pub chunk: usize,
+    pub limit: usize,
+    written: usize,
+}
+
+impl<S> Chunked<S> {
+    pub fn new(inner: S, chunk: usize, limit: usize) -> Self {
+        Chunked {
+            inner,
+            chunk,
+            limit,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Chunked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Chunked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        let n = if me.written < me.limit {
+            buf.len().min(me.chunk)
+        } else {
+            buf.len()
+        };
+        let r = Pin::new(&mut me.inner).poll_write(cx, &buf[..n]);
+        if let Poll::Ready(Ok(k)) = r {
+            me.written += k;
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Re-frames the first TLS record written through it (the ClientHello) as `parts` records.
+pub struct Refragment<S> {
+    pub inner: S,
+    parts: usize,
+    acc: Vec<u8>,
+    out: Vec<u8>,
+    done: bool,
+}
+
+impl<S> Refragment<S> {
+    pub fn new(inner: S, parts: usize) -> Self {
+        Refragment {
+            inner,
+            parts,
+            acc: Vec::new(),
+            out: Vec::new(),
+            done: false,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Refragment<S> {
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+            self.out.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Refragment<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Refragment<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        std::task::ready!(me.poll_drain(cx))?;
+        if me.done {
+            return Pin::new(&mut me.inner).poll_write(cx, buf);
+        }
+        me.acc.extend_from_slice(buf);
+        if me.acc.len() >= 5 {
+            let len = 5 + usize::from(u16::from_be_bytes([me.acc[3], me.acc[4]]));
+            if me.acc.len() >= len {
+                let payload = me.acc[5..len].to_vec();
+                me.out = sniplex::hello::testing::records(&payload, me.parts);
+                me.out.extend_from_slice(&me.acc[len..]);
+                me.done = true;
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        std::task::ready!(me.poll_drain(cx))?;
+        Pin::new(&mut me.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        std::task::ready!(me.poll_drain(cx))?;
+        Pin::new(&mut me.inner).poll_shutdown(cx)
+    }
+}
+
+/// The router running in this process on 127.0.0.1:0 (and optionally [::1]:0).
+pub struct Router {
+    pub addr: SocketAddr,
+    pub addrs: Vec<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<io::Result<()>>>,
+}
+
+impl Router {
+    pub async fn start(config_toml: &str) -> Router {
+        Self::start_with(config_toml, sniplex::Options::default(), &["127.0.0.1:0"]).await
+    }
+
+    pub async fn start_with(
+        config_toml: &str,
+        options: sniplex::Options,
+        listen: &[&str],
+    ) -> Router {
+        let config = sniplex::Config::parse(config_toml, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let listeners: Vec<std::net::TcpListener> = listen
+            .iter()
+            .map(|a| std::net::TcpListener::bind(a).unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(sniplex::run(config, listeners, options, async {
+            let _ = rx.await;
+        }));
+        Router {
+            addr: addrs[0],
+            addrs,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Triggers shutdown and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(DEADLINE, t)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The real `sniplex` binary, with its stderr collected line by line.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub addrs: Vec<SocketAddr>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Binary {
+    pub fn exe() -> &'static str {
+        env!("CARGO_BIN_EXE_sniplex")
+    }
+
+    /// Starts `sniplex run -c config` and waits for its `listening` lines (one per listener).
+    pub fn start(config: &Path, listeners: usize) -> Binary {
+        let mut child = std::process::Command::new(Self::exe())
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "sniplex=debug")
+            .stderr(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, lines) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[sniplex] {line}");
+                log2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut b = Binary {
+            child,
+            addrs: Vec::new(),
+            log,
+            lines,
+        };
+        while b.addrs.len() < listeners {
+            let line = b.wait_for("listening");
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no address in {line:?}"));
+            b.addrs.push(addr);
+        }
+        b
+    }
+
+    /// Blocks until a stderr line containing `needle` appears (or panics at the deadline).
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let end = std::time::Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "sniplex never logged {needle:?}; log: {:#?}",
+                    self.log.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit, with the test deadline.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let end = std::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(std::time::Instant::now() < end, "sniplex did not exit");
+            // The exit is observed by polling the child; a waitpid with timeout is not in std.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
