@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite drives (real nginx, curl, openssl, ...), if any
+# is missing. Needs root (or sudo) only when something has to be installed.
+set -euo pipefail
+# command -> Debian package
+declare -A pkgs=(
+    [nginx]=nginx [curl]=curl [openssl]=openssl [promtool]=prometheus
+    [systemd-socket-activate]=systemd [systemd-analyze]=systemd [haproxy]=haproxy [socat]=socat
+)
+missing=()
+for cmd in "${!pkgs[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${pkgs[$cmd]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+echo "deps: installing ${missing[*]}" >&2
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
