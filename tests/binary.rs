@@ -14,7 +14,10 @@ fn sniplex(args: &[&str]) -> std::process::Output {
 fn version_and_help() {
     let out = sniplex(&["--version"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("sniplex {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("sniplex {}", env!("CARGO_PKG_VERSION"))
+    );
     let out = sniplex(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
@@ -27,7 +30,11 @@ fn version_and_help() {
 fn check_accepts_the_shipped_example() {
     let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/sniplex.toml");
     let out = sniplex(&["check", "-c", conf]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary = String::from_utf8_lossy(&out.stdout);
     assert_eq!(summary.lines().count(), 1, "{summary}");
     assert!(summary.contains("OK"), "{summary}");
@@ -37,7 +44,11 @@ fn check_accepts_the_shipped_example() {
 fn check_reports_file_line_column_and_key_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "listen = [\"127.0.0.1:8443\"]\n[routes]\n\"a.*.org\" = \"unix:/run/a.sock\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "listen = [\"127.0.0.1:8443\"]\n[routes]\n\"a.*.org\" = \"unix:/run/a.sock\"\n",
+    )
+    .unwrap();
     for args in [vec!["check", "-c"], vec!["run", "-c"], vec!["-c"]] {
         let mut a = args.clone();
         let p = path.to_str().unwrap();
@@ -45,7 +56,10 @@ fn check_reports_file_line_column_and_key_and_exits_2() {
         let out = sniplex(&a);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(&format!("{p}:3:1: routes.\"a.*.org\": bad server name")), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("{p}:3:1: routes.\"a.*.org\": bad server name")),
+            "{args:?}: {err}"
+        );
     }
     let out = sniplex(&["check", "-c", "/nonexistent/sniplex.toml"]);
     assert_eq!(out.status.code(), Some(2));
@@ -57,13 +71,21 @@ fn default_config_path_is_etc_sniplex() {
     // Without -c the binary reads /etc/sniplex/sniplex.toml; on a test machine it is absent
     // (or, if present, must at least be named in the output).
     let out = sniplex(&["check"]);
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains("/etc/sniplex/sniplex.toml"), "{all}");
 }
 
 fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
     let path = dir.join("sniplex.toml");
-    std::fs::write(&path, format!("listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n{body}")).unwrap();
+    std::fs::write(
+        &path,
+        format!("listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n{body}"),
+    )
+    .unwrap();
     path
 }
 
@@ -72,19 +94,27 @@ async fn sigterm_stops_accepting_drains_and_exits_0() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let git = Backend::start("git", Listen::Unix(dir.path().join("git.sock")), &pki).await;
-    let conf = write_config(dir.path(), &format!("[routes]\n\"git.test\" = \"{}\"\n", git.config_addr));
+    let conf = write_config(
+        dir.path(),
+        &format!("[routes]\n\"git.test\" = \"{}\"\n", git.config_addr),
+    );
     let mut bin = Binary::start(&conf, 2);
     let addr = bin.addrs[0];
     assert_eq!(whoami(bin.addrs[1], "git.test", &pki).await.unwrap(), "git");
 
-    let mut s = tls_connect(addr, "git.test", pki.client_config(&[])).await.unwrap();
+    let mut s = tls_connect(addr, "git.test", pki.client_config(&[]))
+        .await
+        .unwrap();
     s.write_all(b"ECHO\nping").await.unwrap();
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).await.unwrap();
 
     bin.signal(nix::sys::signal::Signal::SIGTERM);
     bin.wait_for("stopped accepting");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after SIGTERM");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after SIGTERM"
+    );
     // The open connection is untouched by the drain.
     s.write_all(b"pong").await.unwrap();
     s.read_exact(&mut buf).await.unwrap();
@@ -93,7 +123,9 @@ async fn sigterm_stops_accepting_drains_and_exits_0() {
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
     drop(s);
-    let status = tokio::task::spawn_blocking(move || bin.wait_exit()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || bin.wait_exit())
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -104,10 +136,15 @@ async fn drain_deadline_closes_what_is_left_and_exits_0() {
     let git = Backend::start("git", Listen::Unix(dir.path().join("git.sock")), &pki).await;
     let conf = write_config(
         dir.path(),
-        &format!("[routes]\n\"git.test\" = \"{}\"\n[timeouts]\nshutdown = \"300ms\"\n", git.config_addr),
+        &format!(
+            "[routes]\n\"git.test\" = \"{}\"\n[timeouts]\nshutdown = \"300ms\"\n",
+            git.config_addr
+        ),
     );
     let mut bin = Binary::start(&conf, 2);
-    let mut s = tls_connect(bin.addrs[0], "git.test", pki.client_config(&[])).await.unwrap();
+    let mut s = tls_connect(bin.addrs[0], "git.test", pki.client_config(&[]))
+        .await
+        .unwrap();
     s.write_all(b"HOLD\n").await.unwrap();
     s.flush().await.unwrap();
     // Wait until the router has connected this client to the backend.
@@ -120,9 +157,13 @@ async fn drain_deadline_closes_what_is_left_and_exits_0() {
     .unwrap();
     // The held connection is closed by the router: we see EOF or a reset, never a hang.
     let mut rest = Vec::new();
-    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await.expect("connection not closed");
+    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("connection not closed");
     assert!(r.is_err() || rest.is_empty());
-    let status = tokio::task::spawn_blocking(move || bin.wait_exit()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || bin.wait_exit())
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -140,13 +181,18 @@ async fn idle_connections_hold_no_pipes() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let git = Backend::start("git", Listen::Unix(dir.path().join("git.sock")), &pki).await;
-    let conf = write_config(dir.path(), &format!("[routes]\n\"git.test\" = \"{}\"\n", git.config_addr));
+    let conf = write_config(
+        dir.path(),
+        &format!("[routes]\n\"git.test\" = \"{}\"\n", git.config_addr),
+    );
     let bin = Binary::start(&conf, 2);
     let config = pki.client_config(&[]);
     let mut open = Vec::new();
     for _ in 0..N {
         // Each connection moves bytes both ways (so it used pipes), then goes idle.
-        let mut s = tls_connect(bin.addrs[0], "git.test", config.clone()).await.unwrap();
+        let mut s = tls_connect(bin.addrs[0], "git.test", config.clone())
+            .await
+            .unwrap();
         s.write_all(b"ECHO\nhello").await.unwrap();
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).await.unwrap();
