@@ -133,6 +133,35 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub routes: RouteTable<Arc<Route>>,
     pub timeouts: Timeouts,
+    /// Drop privileges to this user after binding (when started as root).
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// One info-level access log line per finished connection.
+    pub log_connections: bool,
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where the Prometheus endpoint is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: Option<MetricsAddr>,
+    /// Also serve `/metrics` on the TLS listeners under this name (a terminated route).
+    pub route: Option<ServerName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsAddr::Tcp(a) => write!(f, "{a}"),
+            MetricsAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 impl Config {
@@ -269,6 +298,11 @@ fn key_before_eq(text: &str) -> Option<String> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<Spanned<Vec<Spanned<String>>>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    #[serde(default)]
+    log_connections: bool,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     routes: BTreeMap<Spanned<String>, Spanned<RawRoute>>,
     fallback: Option<Spanned<RawRouteTable>>,
@@ -308,6 +342,13 @@ impl<'de> Deserialize<'de> for RawRoute {
         }
         d.deserialize_any(V)
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
+    route: Option<Spanned<String>>,
 }
 
 /// A humantime duration ("10s", "1h 30m").
@@ -419,13 +460,69 @@ impl RawConfig {
             }
         }
 
+        let metrics = match self.metrics {
+            None => None,
+            Some(m) => {
+                let listen = match m.listen {
+                    None => None,
+                    Some(l) => Some(
+                        parse_metrics_addr(l.get_ref())
+                            .map_err(|msg| err(l.span(), "metrics.listen".into(), msg))?,
+                    ),
+                };
+                let route = match m.route {
+                    None => None,
+                    Some(r) => Some(ServerName::parse(r.get_ref().as_bytes()).map_err(|e| {
+                        err(
+                            r.span(),
+                            "metrics.route".into(),
+                            format!("bad server name: {e}"),
+                        )
+                    })?),
+                };
+                if listen.is_none() && route.is_none() {
+                    return Err(err(
+                        0..0,
+                        "metrics".into(),
+                        "needs `listen` or `route`".into(),
+                    ));
+                }
+                Some(MetricsConfig { listen, route })
+            }
+        };
+        for (key, v) in [("user", &self.user), ("group", &self.group)] {
+            if let Some(v) = v {
+                if v.get_ref().is_empty() {
+                    return Err(err(v.span(), key.into(), "must not be empty".into()));
+                }
+            }
+        }
+
         Ok(Config {
             source: path.to_owned(),
             listen,
             routes,
             timeouts,
+            user: self.user.map(Spanned::into_inner),
+            group: self.group.map(Spanned::into_inner),
+            log_connections: self.log_connections,
+            metrics,
         })
     }
+}
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.starts_with('/') || path.len() > MAX_UNIX_PATH {
+            return Err(format!(
+                "{path:?} must be an absolute path of at most {MAX_UNIX_PATH} bytes"
+            ));
+        }
+        return Ok(MetricsAddr::Unix(PathBuf::from(path)));
+    }
+    s.parse()
+        .map(MetricsAddr::Tcp)
+        .map_err(|_| format!("{s:?} is not \"IP:PORT\" or \"unix:/path\""))
 }
 
 type SpannedError = (Range<usize>, String, String);

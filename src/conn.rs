@@ -5,6 +5,7 @@ use crate::alert::Alert;
 use crate::backend::{self, ConnectError};
 use crate::config::{Config, Route};
 use crate::hello::{ClientHello, HelloError, HelloReader};
+use crate::metrics as m;
 use crate::splice::{self, Counters, End, ForwardMode, PipePool};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct Shared {
     pub forward: ForwardMode,
     /// Cancelled when the shutdown drain deadline passes: everything still open closes.
     pub force_close: CancellationToken,
+    /// The recorder's handle, for serving `/metrics` on a TLS route.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Why a connection was not forwarded.
@@ -119,10 +122,30 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>
         .as_ref()
         .and_then(|h| h.sni.as_ref())
         .map_or("-", |n| n.as_str());
-    let route_label = route.as_ref().map_or("-", |r| &r.label);
+    let route_label = route.as_ref().map_or(m::NO_ROUTE, |r| &r.label);
     let backend = route.as_ref().map(|r| r.backend.to_string());
     let backend = backend.as_deref().unwrap_or("-");
     let elapsed = started.elapsed();
+    let outcome_label = outcome.label();
+    metrics::counter!(m::CONNECTIONS_TOTAL, "route" => route_label.to_owned(), "outcome" => outcome_label)
+        .increment(1);
+    if let Outcome::Rejected(r) = &outcome {
+        metrics::counter!(m::REJECTED_TOTAL, "reason" => r.label()).increment(1);
+    }
+    let error = match &outcome {
+        Outcome::Forwarded(End::Error(side, e)) => format!("{}: {e}", side.label()),
+        Outcome::Rejected(r) => r.to_string(),
+        Outcome::Forwarded(_) => String::new(),
+    };
+    if config.log_connections {
+        tracing::info!(
+            target: "sniplex::access",
+            %peer, sni, route = route_label, backend,
+            up = counters.up(), down = counters.down(),
+            ms = elapsed.as_millis() as u64, outcome = outcome_label, error,
+            "connection"
+        );
+    }
     match &outcome {
         Outcome::Rejected(r @ (Reject::NoRoute | Reject::Backend { .. })) => {
             tracing::warn!(%peer, sni, route = route_label, reason = r.label(), "rejected: {r}");
@@ -131,18 +154,32 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>
             let bad_sni = hello_info.as_ref().and_then(|h| h.bad_sni.clone());
             tracing::info!(%peer, sni, ?bad_sni, reason = r.label(), "rejected: {r}");
         }
-        Outcome::Forwarded(end) => {
-            let error = match end {
-                End::Error(side, e) => format!("{}: {e}", side.label()),
-                _ => String::new(),
-            };
+        Outcome::Forwarded(_) if !config.log_connections => {
             tracing::debug!(
                 %peer, sni, route = route_label, backend,
                 up = counters.up(), down = counters.down(),
-                ms = elapsed.as_millis() as u64, outcome = outcome.label(), error,
+                ms = elapsed.as_millis() as u64, outcome = outcome_label, error,
                 "connection closed"
             );
         }
+        Outcome::Forwarded(_) => {}
+    }
+}
+
+/// Keeps `sniplex_connections_active{route}` right however the connection ends.
+struct ActiveGuard(metrics::Gauge);
+
+impl ActiveGuard {
+    fn new(route: &str) -> Self {
+        let g = metrics::gauge!(m::CONNECTIONS_ACTIVE, "route" => route.to_owned());
+        g.increment(1.0);
+        ActiveGuard(g)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -159,6 +196,7 @@ async fn pipeline(
 
     // 1. ClientHello, complete, within the deadline.
     let mut reader = HelloReader::new();
+    let hello_started = Instant::now();
     let hello = tokio::select! {
         r = tokio::time::timeout(t.client_hello, read_hello(client, &mut reader)) => match r {
             Ok(Ok(h)) => h,
@@ -168,6 +206,8 @@ async fn pipeline(
         _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
     };
 
+    metrics::histogram!(m::CLIENT_HELLO_SECONDS).record(hello_started.elapsed().as_secs_f64());
+
     // 2. Route.
     let Some(route) = config.routes.route(hello.sni.as_ref()).cloned() else {
         *hello_out = Some(hello);
@@ -175,8 +215,11 @@ async fn pipeline(
     };
     *hello_out = Some(hello);
     *route_out = Some(route.clone());
+    let _active = ActiveGuard::new(&route.label);
+    counters.attach_metrics(&route.label);
 
     // 3. Connect, and replay the hello bytes exactly as received.
+    let connect_started = Instant::now();
     let connected = async {
         let mut b = backend::connect(&route.backend, t.connect).await?;
         tokio::time::timeout(t.connect, b.write_all(reader.buffered()))
@@ -194,10 +237,9 @@ async fn pipeline(
         },
         _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
     };
-    counters.client_to_backend.fetch_add(
-        reader.buffered().len() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "route" => route.label.to_string())
+        .record(connect_started.elapsed().as_secs_f64());
+    counters.add_up(reader.buffered().len() as u64);
     drop(reader);
 
     // 4. Forward both ways until both end.

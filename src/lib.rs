@@ -19,10 +19,13 @@ pub mod config;
 pub mod conn;
 pub mod hello;
 pub mod listener;
+pub mod metrics;
 pub mod name;
+pub mod privileges;
 pub mod router;
 pub mod server;
 pub mod splice;
+pub mod systemd;
 
 pub use config::Config;
-pub use server::{run, Options};
+pub use server::{run, Control, Options};

@@ -61,31 +61,82 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    let listeners = sniplex::listener::bind_all(&config.listen)?;
+    // Before any thread exists: adopting inherited fds edits the environment.
+    let activated = sniplex::systemd::take_activated()?;
+    let (listeners, is_activated) = match activated {
+        Some(a) => {
+            let names: Vec<&str> = a.tcp.iter().map(|(_, n)| n.as_str()).collect();
+            tracing::info!(
+                "socket-activated: serving {} inherited TCP socket(s) [{}]; `listen` is ignored",
+                a.tcp.len(),
+                names.join(", ")
+            );
+            if !a.udp.is_empty() {
+                tracing::warn!("ignoring {} inherited datagram socket(s)", a.udp.len());
+            }
+            anyhow::ensure!(
+                !a.tcp.is_empty(),
+                "socket activation passed no TCP listening socket"
+            );
+            (a.tcp.into_iter().map(|(l, _)| l).collect(), true)
+        }
+        None => (sniplex::listener::bind_all(&config.listen)?, false),
+    };
+    let metrics = match &config.metrics {
+        Some(mc) => {
+            let listener = mc.listen.as_ref().map(sniplex::metrics::bind).transpose()?;
+            let handle =
+                sniplex::metrics::install().context("cannot install the metrics recorder")?;
+            if let Some(addr) = &mc.listen {
+                tracing::info!(%addr, "metrics endpoint");
+            }
+            Some((listener, handle))
+        }
+        None => None,
+    };
+    // Everything privileged (binding) is done: drop root for good before serving.
+    if let Some((uid, gid)) =
+        sniplex::privileges::drop_to(config.user.as_deref(), config.group.as_deref())?
+    {
+        tracing::info!(uid, gid, "dropped privileges");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sniplex")
         .build()
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal()?;
-        sniplex::run(config, listeners, sniplex::Options::default(), shutdown).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        forward_signals(tx)?;
+        let options = sniplex::Options {
+            activated: is_activated,
+            metrics,
+            ..Default::default()
+        };
+        sniplex::run(config, listeners, options, rx).await?;
         Ok(())
     })
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+/// SIGTERM/SIGINT -> shutdown, SIGHUP -> reload (also what systemd's notify-reload sends).
+fn forward_signals(tx: tokio::sync::mpsc::UnboundedSender<sniplex::Control>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    Ok(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!("{name}: shutting down");
-    })
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); sniplex::Control::Shutdown }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); sniplex::Control::Shutdown }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading"); sniplex::Control::Reload(None) }
+            };
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
 }
 
 fn init_logging(verbose: u8, quiet: u8) {

@@ -1,14 +1,21 @@
-//! The accept loops and shutdown: accept on every listener, spawn one task per connection, and on
-//! shutdown stop accepting at once, drain for `timeouts.shutdown`, then close what is left.
+//! The accept loops, reload and shutdown. Accept on every listener and spawn one task per
+//! connection; on reload swap the config atomically (and rebind `listen` when not
+//! socket-activated); on shutdown stop accepting at once, drain for `timeouts.shutdown`, then
+//! close what is left.
 
 use crate::config::Config;
 use crate::conn::{self, Shared};
+use crate::metrics as m;
 use crate::splice::{ForwardMode, PipePool};
-use std::future::Future;
+use crate::systemd::{self, notify};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,63 +24,211 @@ use tokio_util::task::TaskTracker;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// After the drain deadline, how long forced-closed connections get to finish their last step.
 const FORCE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How often the systemd STATUS= line (live connection count) is refreshed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Knobs that are not part of the config file.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Options {
     pub forward: ForwardMode,
+    /// The listeners came from systemd: `listen` is ignored, also on reload.
+    pub activated: bool,
+    /// A bound metrics endpoint and the recorder handle to render.
+    pub metrics: Option<(Option<m::MetricsListener>, PrometheusHandle)>,
 }
 
-/// Serves `listeners` (already bound, non-blocking) until `shutdown` resolves, then drains.
+/// What the outside world can ask of a running server.
+#[derive(Debug)]
+pub enum Control {
+    /// Re-read the config file; the reply (if asked for) is the new summary or the error.
+    Reload(Option<oneshot::Sender<Result<String, String>>>),
+    Shutdown,
+}
+
+struct AcceptLoop {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Server {
+    shared: Arc<Shared>,
+    connections: TaskTracker,
+    loops: HashMap<SocketAddr, AcceptLoop>,
+    activated: bool,
+}
+
+/// Serves `listeners` (already bound) until a [`Control::Shutdown`] arrives or `control` closes.
 pub async fn run(
     config: Config,
     listeners: Vec<std::net::TcpListener>,
     options: Options,
-    shutdown: impl Future<Output = ()>,
+    mut control: mpsc::UnboundedReceiver<Control>,
 ) -> io::Result<()> {
+    let (metrics_listener, handle) = match options.metrics {
+        Some((l, h)) => (l, Some(h)),
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         config: arc_swap::ArcSwap::from_pointee(config),
         pipes: PipePool::new(),
         forward: options.forward,
         force_close: CancellationToken::new(),
+        metrics: handle.clone(),
     });
-    let stop_accepting = CancellationToken::new();
-    let connections = TaskTracker::new();
-    let mut accept_loops = Vec::new();
+    let mut server = Server {
+        shared: shared.clone(),
+        connections: TaskTracker::new(),
+        loops: HashMap::new(),
+        activated: options.activated,
+    };
     for l in listeners {
-        l.set_nonblocking(true)?;
-        let l = TcpListener::from_std(l)?;
-        tracing::info!(addr = %l.local_addr()?, "listening");
-        accept_loops.push(tokio::spawn(accept_loop(
-            l,
-            shared.clone(),
-            connections.clone(),
-            stop_accepting.clone(),
-        )));
+        server.start_loop(l)?;
+    }
+    let metrics_stop = CancellationToken::new();
+    if let (Some(l), Some(h)) = (metrics_listener, handle) {
+        let stop = metrics_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = m::serve(l, h, stop).await {
+                tracing::error!("metrics endpoint: {e}");
+            }
+        });
+    }
+    notify::ready(&server.status());
+
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
+    let watchdog = systemd::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut last_status = String::new();
+    loop {
+        tokio::select! {
+            c = control.recv() => match c {
+                Some(Control::Reload(reply)) => {
+                    let r = server.reload();
+                    if let Some(tx) = reply {
+                        let _ = tx.send(r);
+                    }
+                }
+                Some(Control::Shutdown) | None => break,
+            },
+            _ = status.tick() => {
+                let s = server.status();
+                if s != last_status {
+                    notify::status(&s);
+                    last_status = s;
+                }
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
+        }
     }
 
-    shutdown.await;
-    stop_accepting.cancel();
-    for h in accept_loops {
-        // An accept loop never fails; a JoinError would mean it panicked, which is logged by tokio.
-        let _ = h.await;
-    }
-    connections.close();
-    let drain = shared.config.load().timeouts.shutdown;
-    tracing::info!(open = connections.len(), deadline = ?drain, "stopped accepting; draining");
-    if tokio::time::timeout(drain, connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = connections.len(),
-            "drain deadline passed; closing remaining connections"
-        );
-        shared.force_close.cancel();
-        let _ = tokio::time::timeout(FORCE_CLOSE_GRACE, connections.wait()).await;
-    }
-    tracing::info!("shutdown complete");
+    notify::stopping();
+    server.shutdown().await;
+    metrics_stop.cancel();
     Ok(())
+}
+
+impl Server {
+    fn status(&self) -> String {
+        format!("{} open connections", self.connections.len())
+    }
+
+    fn start_loop(&mut self, l: std::net::TcpListener) -> io::Result<()> {
+        l.set_nonblocking(true)?;
+        let l = TcpListener::from_std(l)?;
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, "listening");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(
+            l,
+            self.shared.clone(),
+            self.connections.clone(),
+            stop.clone(),
+        ));
+        self.loops.insert(addr, AcceptLoop { stop, task });
+        Ok(())
+    }
+
+    /// Re-reads the config from its file. Valid: listeners are reconciled first (so a new
+    /// address that cannot be bound fails the whole reload), then the config is swapped in.
+    /// Invalid: nothing changes.
+    fn reload(&mut self) -> Result<String, String> {
+        notify::reloading();
+        let path = self.shared.config.load().source.clone();
+        let result = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                self.reconcile_listeners(&new.listen)?;
+                let summary = new.summary();
+                self.shared.config.store(Arc::new(new));
+                Ok(summary)
+            });
+        match &result {
+            Ok(summary) => {
+                metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
+                tracing::info!("reloaded: {summary}");
+            }
+            Err(e) => {
+                metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "error").increment(1);
+                tracing::error!("reload failed, keeping the running config: {e}");
+            }
+        }
+        notify::ready(&self.status());
+        result
+    }
+
+    fn reconcile_listeners(&mut self, wanted: &[SocketAddr]) -> Result<(), String> {
+        if self.activated {
+            return Ok(());
+        }
+        let current: Vec<SocketAddr> = self.loops.keys().copied().collect();
+        // A configured port 0 means "any free port": it never matches a bound address, so
+        // such listeners are left as they are rather than rebound on every reload.
+        let is_current = |a: &SocketAddr| a.port() == 0 || current.contains(a);
+        let to_bind: Vec<SocketAddr> = wanted.iter().copied().filter(|a| !is_current(a)).collect();
+        let bound = crate::listener::bind_all(&to_bind).map_err(|e| e.to_string())?;
+        let removed: Vec<SocketAddr> = current
+            .into_iter()
+            .filter(|a| {
+                !wanted.contains(a) && !wanted.iter().any(|w| w.port() == 0 && w.ip() == a.ip())
+            })
+            .collect();
+        for l in bound {
+            self.start_loop(l).map_err(|e| e.to_string())?;
+        }
+        for a in removed {
+            if let Some(l) = self.loops.remove(&a) {
+                tracing::info!(addr = %a, "no longer listening");
+                l.stop.cancel();
+            }
+        }
+        Ok(())
+    }
+
+    async fn shutdown(self) {
+        for l in self.loops.values() {
+            l.stop.cancel();
+        }
+        for (_, l) in self.loops {
+            // An accept loop returns only when stopped; a JoinError means it panicked (logged).
+            let _ = l.task.await;
+        }
+        let connections = self.connections;
+        connections.close();
+        let drain = self.shared.config.load().timeouts.shutdown;
+        tracing::info!(open = connections.len(), deadline = ?drain, "stopped accepting; draining");
+        if tokio::time::timeout(drain, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = connections.len(),
+                "drain deadline passed; closing remaining connections"
+            );
+            self.shared.force_close.cancel();
+            let _ = tokio::time::timeout(FORCE_CLOSE_GRACE, connections.wait()).await;
+        }
+        tracing::info!("shutdown complete");
+    }
 }
 
 async fn accept_loop(
@@ -96,6 +251,7 @@ async fn accept_loop(
                 connections.spawn(conn::handle(stream, peer, shared.clone()));
             }
             Err(e) if is_exhaustion(&e) => {
+                metrics::counter!(m::ACCEPT_ERRORS_TOTAL, "kind" => "exhausted").increment(1);
                 if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
                     tracing::warn!("accept: {e}; backing off (existing connections unaffected)");
                     last_warn = Some(tokio::time::Instant::now());
@@ -106,22 +262,20 @@ async fn accept_loop(
                 }
             }
             // ECONNABORTED, EPROTO, EPERM (firewall) and friends concern one connection only.
-            Err(e) => tracing::debug!("accept: {e}"),
+            Err(e) => {
+                metrics::counter!(m::ACCEPT_ERRORS_TOTAL, "kind" => "other").increment(1);
+                tracing::debug!("accept: {e}");
+            }
         }
     }
     // Dropping the listener here closes the socket: new connections are refused from now on.
 }
 
 fn is_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
-    )
-}
-
-mod libc_errno {
-    pub const EMFILE: i32 = nix::errno::Errno::EMFILE as i32;
-    pub const ENFILE: i32 = nix::errno::Errno::ENFILE as i32;
-    pub const ENOBUFS: i32 = nix::errno::Errno::ENOBUFS as i32;
-    pub const ENOMEM: i32 = nix::errno::Errno::ENOMEM as i32;
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|c| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+            .iter()
+            .any(|&x| x as i32 == c)
+    })
 }

@@ -187,16 +187,44 @@ pub enum End {
     Error(Side, io::Error),
 }
 
-/// Bytes moved, counted as they move (valid however forwarding ended).
+/// Bytes moved, counted as they move (valid however forwarding ended). With metrics attached,
+/// each chunk also lands in `sniplex_bytes_total` (an atomic add, no syscall).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub client_to_backend: AtomicU64,
     pub backend_to_client: AtomicU64,
     /// Milliseconds since `start` of the last byte moved in either direction.
     last_ms: AtomicU64,
+    metrics: std::sync::OnceLock<(metrics::Counter, metrics::Counter)>,
 }
 
 impl Counters {
+    /// Starts feeding `sniplex_bytes_total{route,direction}` for this connection.
+    pub fn attach_metrics(&self, route: &str) {
+        let c = |dir: &'static str| metrics::counter!(crate::metrics::BYTES_TOTAL, "route" => route.to_owned(), "direction" => dir);
+        let _ = self
+            .metrics
+            .set((c("client_to_backend"), c("backend_to_client")));
+    }
+
+    pub fn add_up(&self, n: u64) {
+        self.client_to_backend.fetch_add(n, Ordering::Relaxed);
+        if let Some((up, _)) = self.metrics.get() {
+            up.increment(n);
+        }
+    }
+
+    fn add(&self, up: bool, n: u64) {
+        if up {
+            self.add_up(n);
+        } else {
+            self.backend_to_client.fetch_add(n, Ordering::Relaxed);
+            if let Some((_, down)) = self.metrics.get() {
+                down.increment(n);
+            }
+        }
+    }
+
     fn touch(&self, start: Instant) {
         let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -212,7 +240,8 @@ impl Counters {
 }
 
 struct Dir<'a> {
-    bytes: &'a AtomicU64,
+    /// Client to backend.
+    up: bool,
     counters: &'a Counters,
     start: Instant,
     /// Side blamed for read errors; the other side is blamed for write errors.
@@ -260,7 +289,7 @@ async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
                     return Err((d.src, e));
                 }
             };
-            d.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            d.counters.add(d.up, n as u64);
             d.counters.touch(d.start);
             // The pipe holds n bytes here, so EAGAIN means the destination socket is full.
             let mut left = n;
@@ -298,7 +327,7 @@ async fn copy_dir<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let _ = dst.shutdown().await;
             return Ok(());
         }
-        d.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        d.counters.add(d.up, n as u64);
         d.counters.touch(d.start);
         dst.write_all(&buf[..n]).await.map_err(|e| (d.dst, e))?;
         d.counters.touch(d.start);
@@ -331,14 +360,14 @@ pub async fn forward(
     let start = Instant::now();
     counters.touch(start);
     let up = Dir {
-        bytes: &counters.client_to_backend,
+        up: true,
         counters,
         start,
         src: Side::Client,
         dst: Side::Backend,
     };
     let down = Dir {
-        bytes: &counters.backend_to_client,
+        up: false,
         counters,
         start,
         src: Side::Backend,

@@ -372,7 +372,10 @@ async fn echo_64mib(mode: sniplex::splice::ForwardMode) {
     let mut w = world().await;
     let r = Router::start_with(
         &w.config(false, ""),
-        sniplex::Options { forward: mode },
+        sniplex::Options {
+            forward: mode,
+            ..Default::default()
+        },
         &["127.0.0.1:0"],
     )
     .await;

@@ -534,7 +534,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Refragment<S> {
 pub struct Router {
     pub addr: SocketAddr,
     pub addrs: Vec<SocketAddr>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    control: tokio::sync::mpsc::UnboundedSender<sniplex::Control>,
     task: Option<tokio::task::JoinHandle<io::Result<()>>>,
 }
 
@@ -550,28 +550,49 @@ impl Router {
     ) -> Router {
         let config = sniplex::Config::parse(config_toml, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
+        Self::start_config(config, options, listen).await
+    }
+
+    /// Starts on a config file, so that [`Router::reload`] can re-read it.
+    pub async fn start_file(path: &Path) -> Router {
+        let config = sniplex::Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_config(config, sniplex::Options::default(), &["127.0.0.1:0"]).await
+    }
+
+    pub async fn start_config(
+        config: sniplex::Config,
+        mut options: sniplex::Options,
+        listen: &[&str],
+    ) -> Router {
+        // The listeners are handed in, as systemd would: `listen` in the config is not bound.
+        options.activated = true;
         let listeners: Vec<std::net::TcpListener> = listen
             .iter()
             .map(|a| std::net::TcpListener::bind(a).unwrap())
             .collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(sniplex::run(config, listeners, options, async {
-            let _ = rx.await;
-        }));
+        let (control, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(sniplex::run(config, listeners, options, rx));
         Router {
             addr: addrs[0],
             addrs,
-            stop: Some(tx),
+            control,
             task: Some(task),
         }
     }
 
+    /// Asks for a reload and returns its result (the new summary, or the error).
+    pub async fn reload(&self) -> Result<String, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.control
+            .send(sniplex::Control::Reload(Some(tx)))
+            .unwrap();
+        tokio::time::timeout(DEADLINE, rx).await.unwrap().unwrap()
+    }
+
     /// Triggers shutdown and waits for the drain to finish.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+        let _ = self.control.send(sniplex::Control::Shutdown);
         if let Some(t) = self.task.take() {
             tokio::time::timeout(DEADLINE, t)
                 .await
