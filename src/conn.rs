@@ -147,6 +147,7 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>
         );
     }
     match &outcome {
+        _ if config.log_connections => {}
         Outcome::Rejected(r @ (Reject::NoRoute | Reject::Backend { .. })) => {
             tracing::warn!(%peer, sni, route = route_label, reason = r.label(), "rejected: {r}");
         }
@@ -154,7 +155,7 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>
             let bad_sni = hello_info.as_ref().and_then(|h| h.bad_sni.clone());
             tracing::info!(%peer, sni, ?bad_sni, reason = r.label(), "rejected: {r}");
         }
-        Outcome::Forwarded(_) if !config.log_connections => {
+        Outcome::Forwarded(_) => {
             tracing::debug!(
                 %peer, sni, route = route_label, backend,
                 up = counters.up(), down = counters.down(),
@@ -162,7 +163,6 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>
                 "connection closed"
             );
         }
-        Outcome::Forwarded(_) => {}
     }
 }
 

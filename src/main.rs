@@ -87,8 +87,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             let listener = mc.listen.as_ref().map(sniplex::metrics::bind).transpose()?;
             let handle =
                 sniplex::metrics::install().context("cannot install the metrics recorder")?;
-            if let Some(addr) = &mc.listen {
-                tracing::info!(%addr, "metrics endpoint");
+            if let Some(l) = &listener {
+                tracing::info!(addr = %l.local_addr(), "metrics endpoint");
             }
             Some((listener, handle))
         }

@@ -94,6 +94,22 @@ pub enum MetricsListener {
     Unix(std::os::unix::net::UnixListener),
 }
 
+impl MetricsListener {
+    /// The bound address, for the log (a configured port 0 shows the real port).
+    pub fn local_addr(&self) -> String {
+        match self {
+            MetricsListener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string()),
+            MetricsListener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
+        }
+    }
+}
+
 /// Binds the endpoint (before privileges are dropped, so a low port works). A stale Unix
 /// socket file from a previous run is replaced.
 pub fn bind(addr: &MetricsAddr) -> io::Result<MetricsListener> {

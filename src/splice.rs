@@ -196,6 +196,9 @@ pub struct Counters {
     /// Milliseconds since `start` of the last byte moved in either direction.
     last_ms: AtomicU64,
     metrics: std::sync::OnceLock<(metrics::Counter, metrics::Counter)>,
+    /// Set when the client (resp. backend) has sent EOF: that direction is finished.
+    up_done: std::sync::atomic::AtomicBool,
+    down_done: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -239,6 +242,32 @@ impl Counters {
     }
 }
 
+impl Dir<'_> {
+    fn finished(&self) {
+        let flag = if self.up {
+            &self.counters.up_done
+        } else {
+            &self.counters.down_done
+        };
+        flag.store(true, Ordering::Relaxed);
+    }
+
+    /// A write to a peer that already sent its EOF failed because it has closed completely:
+    /// a normal end (the peer had nothing more to say and is not listening), not an error.
+    fn peer_left(&self, e: &io::Error) -> bool {
+        let reverse = if self.up {
+            &self.counters.down_done
+        } else {
+            &self.counters.up_done
+        };
+        reverse.load(Ordering::Relaxed)
+            && matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            )
+    }
+}
+
 struct Dir<'a> {
     /// Client to backend.
     up: bool,
@@ -276,6 +305,7 @@ async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
             }) {
                 Ok(0) => {
                     pool.put(pipe);
+                    d.finished();
                     shutdown_write(dst.as_fd());
                     return Ok(());
                 }
@@ -305,6 +335,7 @@ async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
                     Ok(m) => left -= m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     // A pipe with bytes left in it is dropped here, never pooled.
+                    Err(e) if d.peer_left(&e) => return Ok(()),
                     Err(e) => return Err((d.dst, e)),
                 }
             }
@@ -323,13 +354,18 @@ async fn copy_dir<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     loop {
         let n = src.read(&mut buf).await.map_err(|e| (d.src, e))?;
         if n == 0 {
+            d.finished();
             // The peer may already be gone; its EOF is all we had to deliver.
             let _ = dst.shutdown().await;
             return Ok(());
         }
         d.counters.add(d.up, n as u64);
         d.counters.touch(d.start);
-        dst.write_all(&buf[..n]).await.map_err(|e| (d.dst, e))?;
+        match dst.write_all(&buf[..n]).await {
+            Ok(()) => {}
+            Err(e) if d.peer_left(&e) => return Ok(()),
+            Err(e) => return Err((d.dst, e)),
+        }
         d.counters.touch(d.start);
     }
 }

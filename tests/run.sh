@@ -7,3 +7,4 @@ bash tests/deps.sh
 cargo test --locked
 cargo build --locked --quiet
 bash tests/interop.sh target/debug/sniplex
+bash tests/systemd.sh target/debug/sniplex

@@ -626,9 +626,14 @@ impl Binary {
 
     /// Starts `sniplex run -c config` and waits for its `listening` lines (one per listener).
     pub fn start(config: &Path, listeners: usize) -> Binary {
-        let mut child = std::process::Command::new(Self::exe())
-            .args(["run", "-c"])
-            .arg(config)
+        let mut cmd = std::process::Command::new(Self::exe());
+        cmd.args(["run", "-c"]).arg(config);
+        Self::start_cmd(cmd, listeners)
+    }
+
+    /// Starts a prepared command (the binary, or a wrapper that execs it).
+    pub fn start_cmd(mut cmd: std::process::Command, listeners: usize) -> Binary {
+        let mut child = cmd
             .env("RUST_LOG", "sniplex=debug")
             .stderr(std::process::Stdio::piped())
             .stdin(std::process::Stdio::null())
@@ -652,20 +657,40 @@ impl Binary {
             lines,
         };
         while b.addrs.len() < listeners {
-            let line = b.wait_for("listening");
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no address in {line:?}"));
-            b.addrs.push(addr);
+            let line = b.next_matching("listening");
+            b.addrs.push(addr_in(&line));
         }
         b
     }
 
-    /// Blocks until a stderr line containing `needle` appears (or panics at the deadline).
+    /// The `addr=` of the first stderr line containing `needle`.
+    pub fn addr_of(&mut self, needle: &str) -> String {
+        let line = self.wait_for(needle);
+        line.split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned()
+    }
+
+    /// A stderr line containing `needle`, already logged or the next one to come (panics at the
+    /// deadline).
     pub fn wait_for(&mut self, needle: &str) -> String {
+        let seen = self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned();
+        match seen {
+            Some(l) => l,
+            None => self.next_matching(needle),
+        }
+    }
+
+    /// The next stderr line (not yet consumed here) containing `needle`.
+    pub fn next_matching(&mut self, needle: &str) -> String {
         let end = std::time::Instant::now() + DEADLINE;
         loop {
             let left = end.saturating_duration_since(std::time::Instant::now());
@@ -696,6 +721,94 @@ impl Binary {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Parses `addr=IP:PORT` out of a log line.
+pub fn addr_in(line: &str) -> SocketAddr {
+    line.split("addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+/// A free TCP port on 127.0.0.1, for tools that cannot bind port 0 themselves (the port is
+/// closed again before use, so another process could take it: callers retry on EADDRINUSE).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Counts the bytes that cross a stream at the TCP level (TLS records included).
+pub struct Counting<S> {
+    pub inner: S,
+    pub read: Arc<std::sync::atomic::AtomicU64>,
+    pub written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<S> Counting<S> {
+    pub fn new(inner: S) -> Self {
+        Counting {
+            inner,
+            read: Default::default(),
+            written: Default::default(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut me.inner).poll_read(cx, buf);
+        me.read.fetch_add(
+            (buf.filled().len() - before) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            me.written
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A plain HTTP GET over a fresh connection; returns the body of a 200 response.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
 }
 
 impl Drop for Binary {
