@@ -99,12 +99,73 @@ impl BackendAddr {
 }
 
 /// One entry of the SNI map, as the connection pipeline uses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Route {
     /// The route key as configured (`"*.lab.example.org"`), or `fallback`. Used as the log and
     /// metric label, never the client's raw SNI.
     pub label: Arc<str>,
-    pub backend: BackendAddr,
+    /// Where connections go unless an ALPN entry matches.
+    pub target: Target,
+    /// `alpn."proto" = ...`, in config order. The first protocol the client offers that is
+    /// listed here selects its target.
+    pub alpn: Vec<(Vec<u8>, Target)>,
+}
+
+impl Route {
+    /// The target for a client's ALPN offers (in the client's order of preference).
+    pub fn select(&self, offered: &[Vec<u8>]) -> &Target {
+        offered
+            .iter()
+            .find_map(|p| self.alpn.iter().find(|(name, _)| name == p).map(|(_, t)| t))
+            .unwrap_or(&self.target)
+    }
+
+    /// Every target of the route (for summaries and reload checks).
+    pub fn targets(&self) -> impl Iterator<Item = &Target> {
+        std::iter::once(&self.target).chain(self.alpn.iter().map(|(_, t)| t))
+    }
+}
+
+/// What sniplex does with a connection once its route (and ALPN entry) is chosen.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub upstream: Upstream,
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Terminate TLS here and forward plaintext.
+    pub terminate: Option<Arc<Terminate>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    Backend(BackendAddr),
+    /// The `[metrics] route`: sniplex answers `/metrics` itself after terminating TLS.
+    Metrics,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upstream::Backend(b) => b.fmt(f),
+            Upstream::Metrics => f.write_str("(metrics)"),
+        }
+    }
+}
+
+/// `terminate = { cert, key, alpn }`, loaded.
+pub struct Terminate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub alpn: Vec<Vec<u8>>,
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl fmt::Debug for Terminate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Terminate")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +251,7 @@ impl Config {
             self.routes.len(),
             if self.routes.len() == 1 { "" } else { "s" },
             match self.routes.fallback() {
-                Some(r) => r.backend.to_string(),
+                Some(r) => r.target.upstream.to_string(),
                 None => "none".into(),
             },
             listen.join(" "),
@@ -305,7 +366,7 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     #[serde(default)]
     routes: BTreeMap<Spanned<String>, Spanned<RawRoute>>,
-    fallback: Option<Spanned<RawRouteTable>>,
+    fallback: Option<Spanned<RawRoute>>,
     #[serde(default)]
     timeouts: RawTimeouts,
 }
@@ -313,7 +374,19 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRouteTable {
-    backend: Spanned<String>,
+    backend: Option<Spanned<String>>,
+    proxy_protocol: Option<Spanned<String>>,
+    terminate: Option<Spanned<RawTerminate>>,
+    #[serde(default)]
+    alpn: BTreeMap<Spanned<String>, Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTerminate {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    alpn: Option<Spanned<Vec<String>>>,
 }
 
 /// A route value: a backend string, or a table (later features add keys to the table). A
@@ -332,7 +405,10 @@ impl<'de> Deserialize<'de> for RawRoute {
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawRoute, E> {
                 // No span here: `build_route` points at the enclosing Spanned<RawRoute>.
                 Ok(RawRoute(RawRouteTable {
-                    backend: Spanned::new(0..0, s.to_owned()),
+                    backend: Some(Spanned::new(0..0, s.to_owned())),
+                    proxy_protocol: None,
+                    terminate: None,
+                    alpn: BTreeMap::new(),
                 }))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
@@ -410,56 +486,6 @@ impl RawConfig {
             }
         };
 
-        let mut routes = RouteTable::new();
-        for (key, value) in self.routes {
-            let key_label = format!("routes.{:?}", key.get_ref());
-            let pattern = Pattern::parse(key.get_ref()).map_err(|e| {
-                err(
-                    key.span(),
-                    key_label.clone(),
-                    format!("bad server name: {e}"),
-                )
-            })?;
-            let value_span = value.span();
-            let table = value.into_inner().0;
-            let route = build_route(key.get_ref().as_str(), table, value_span, &key_label)
-                .map_err(|(span, k, m)| err(span, k, m))?;
-            routes
-                .insert(pattern, Arc::new(route))
-                .map_err(|e| err(key.span(), key_label, e.to_string()))?;
-        }
-        if let Some(fb) = self.fallback {
-            let span = fb.span();
-            let route = build_route("fallback", fb.into_inner(), span, "fallback")
-                .map_err(|(span, k, m)| err(span, k, m))?;
-            routes.set_fallback(Some(Arc::new(route)));
-        }
-
-        let mut timeouts = Timeouts::default();
-        let t = self.timeouts;
-        for (name, value, slot, allow_zero) in [
-            (
-                "client_hello",
-                t.client_hello,
-                &mut timeouts.client_hello,
-                false,
-            ),
-            ("connect", t.connect, &mut timeouts.connect, false),
-            ("idle", t.idle, &mut timeouts.idle, false),
-            ("shutdown", t.shutdown, &mut timeouts.shutdown, true),
-        ] {
-            if let Some(v) = value {
-                if v.get_ref().0.is_zero() && !allow_zero {
-                    return Err(err(
-                        v.span(),
-                        format!("timeouts.{name}"),
-                        "must be more than zero".into(),
-                    ));
-                }
-                *slot = v.get_ref().0;
-            }
-        }
-
         let metrics = match self.metrics {
             None => None,
             Some(m) => {
@@ -490,6 +516,62 @@ impl RawConfig {
                 Some(MetricsConfig { listen, route })
             }
         };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let ctx = RouteCtx {
+            base,
+            metrics_route: metrics.as_ref().and_then(|m| m.route.as_ref()),
+        };
+
+        let mut routes = RouteTable::new();
+        for (key, value) in self.routes {
+            let key_label = format!("routes.{:?}", key.get_ref());
+            let pattern = Pattern::parse(key.get_ref()).map_err(|e| {
+                err(
+                    key.span(),
+                    key_label.clone(),
+                    format!("bad server name: {e}"),
+                )
+            })?;
+            let value_span = value.span();
+            let table = value.into_inner().0;
+            let route = build_route(&ctx, key.get_ref().as_str(), table, value_span, &key_label)
+                .map_err(|(span, k, m)| err(span, k, m))?;
+            routes
+                .insert(pattern, Arc::new(route))
+                .map_err(|e| err(key.span(), key_label, e.to_string()))?;
+        }
+        if let Some(fb) = self.fallback {
+            let span = fb.span();
+            let route = build_route(&ctx, "fallback", fb.into_inner().0, span, "fallback")
+                .map_err(|(span, k, m)| err(span, k, m))?;
+            routes.set_fallback(Some(Arc::new(route)));
+        }
+
+        let mut timeouts = Timeouts::default();
+        let t = self.timeouts;
+        for (name, value, slot, allow_zero) in [
+            (
+                "client_hello",
+                t.client_hello,
+                &mut timeouts.client_hello,
+                false,
+            ),
+            ("connect", t.connect, &mut timeouts.connect, false),
+            ("idle", t.idle, &mut timeouts.idle, false),
+            ("shutdown", t.shutdown, &mut timeouts.shutdown, true),
+        ] {
+            if let Some(v) = value {
+                if v.get_ref().0.is_zero() && !allow_zero {
+                    return Err(err(
+                        v.span(),
+                        format!("timeouts.{name}"),
+                        "must be more than zero".into(),
+                    ));
+                }
+                *slot = v.get_ref().0;
+            }
+        }
+
         for (key, v) in [("user", &self.user), ("group", &self.group)] {
             if let Some(v) = v {
                 if v.get_ref().is_empty() {
@@ -527,24 +609,169 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 
 type SpannedError = (Range<usize>, String, String);
 
+/// Context for turning raw route tables into routes.
+struct RouteCtx<'a> {
+    /// Relative certificate paths are relative to the config file's directory.
+    base: &'a Path,
+    metrics_route: Option<&'a ServerName>,
+}
+
 fn build_route(
+    ctx: &RouteCtx<'_>,
     label: &str,
     table: RawRouteTable,
     value_span: Range<usize>,
     key: &str,
 ) -> Result<Route, SpannedError> {
-    let b = &table.backend;
-    // A bare-string route carries no span of its own: point at the whole value instead.
-    let span = if b.span() == (0..0) {
-        value_span
-    } else {
-        b.span()
-    };
-    let backend =
-        BackendAddr::parse(b.get_ref()).map_err(|m| (span, format!("{key}.backend"), m))?;
+    let is_metrics = ctx.metrics_route.is_some_and(|m| m.as_str() == label);
+    let mut alpn = Vec::new();
+    for (proto, entry) in &table.alpn {
+        let k = format!("{key}.alpn.{:?}", proto.get_ref());
+        if proto.get_ref().is_empty() || proto.get_ref().len() > 255 {
+            return Err((
+                proto.span(),
+                k,
+                "ALPN protocol names are 1 to 255 bytes".into(),
+            ));
+        }
+        let inner = &entry.get_ref().0;
+        if !inner.alpn.is_empty() {
+            return Err((
+                entry.span(),
+                k,
+                "an ALPN entry cannot have ALPN entries of its own".into(),
+            ));
+        }
+        alpn.push((proto.get_ref().as_bytes().to_vec(), entry.span(), k));
+    }
+    let mut entries: Vec<(Vec<u8>, Target)> = Vec::new();
+    let RawRouteTable {
+        backend,
+        proxy_protocol,
+        terminate,
+        alpn: raw_alpn,
+    } = table;
+    let target = build_target(
+        ctx,
+        backend,
+        proxy_protocol,
+        terminate,
+        value_span,
+        key,
+        is_metrics,
+    )?;
+    for ((proto, span, k), (_, entry)) in alpn.into_iter().zip(raw_alpn) {
+        let RawRouteTable {
+            backend,
+            proxy_protocol,
+            terminate,
+            ..
+        } = entry.into_inner().0;
+        entries.push((
+            proto,
+            build_target(ctx, backend, proxy_protocol, terminate, span, &k, false)?,
+        ));
+    }
     Ok(Route {
         label: label.into(),
-        backend,
+        target,
+        alpn: entries,
+    })
+}
+
+fn build_target(
+    ctx: &RouteCtx<'_>,
+    backend: Option<Spanned<String>>,
+    proxy_protocol: Option<Spanned<String>>,
+    terminate: Option<Spanned<RawTerminate>>,
+    value_span: Range<usize>,
+    key: &str,
+    is_metrics: bool,
+) -> Result<Target, SpannedError> {
+    let proxy_protocol = match proxy_protocol {
+        None => None,
+        Some(p) => Some(match p.get_ref().as_str() {
+            "v1" => crate::proxy_protocol::Version::V1,
+            "v2" => crate::proxy_protocol::Version::V2,
+            other => {
+                return Err((
+                    p.span(),
+                    format!("{key}.proxy_protocol"),
+                    format!("{other:?} is not \"v1\" or \"v2\""),
+                ))
+            }
+        }),
+    };
+    let terminate = match terminate {
+        None => None,
+        Some(t) => {
+            let span = t.span();
+            let t = t.into_inner();
+            let alpn: Vec<Vec<u8>> = match &t.alpn {
+                None => vec![b"http/1.1".to_vec()],
+                Some(list) => {
+                    if list.get_ref().iter().any(|p| p.is_empty() || p.len() > 255) {
+                        return Err((
+                            list.span(),
+                            format!("{key}.terminate.alpn"),
+                            "ALPN protocol names are 1 to 255 bytes".into(),
+                        ));
+                    }
+                    list.get_ref()
+                        .iter()
+                        .map(|p| p.as_bytes().to_vec())
+                        .collect()
+                }
+            };
+            let resolve = |p: &Spanned<String>| ctx.base.join(p.get_ref());
+            let (cert, key_path) = (resolve(&t.cert), resolve(&t.key));
+            let tls = crate::tls::server_config(&cert, &key_path, &alpn)
+                .map_err(|m| (span, format!("{key}.terminate"), m))?;
+            Some(Arc::new(Terminate {
+                cert,
+                key: key_path,
+                alpn,
+                tls,
+            }))
+        }
+    };
+    let upstream = match backend {
+        Some(b) => {
+            // A bare-string route carries no span of its own: point at the whole value instead.
+            let span = if b.span() == (0..0) {
+                value_span.clone()
+            } else {
+                b.span()
+            };
+            Upstream::Backend(
+                BackendAddr::parse(b.get_ref()).map_err(|m| (span, format!("{key}.backend"), m))?,
+            )
+        }
+        None if is_metrics => {
+            if terminate.is_none() {
+                return Err((value_span, format!("{key}.terminate"), "the [metrics] route must terminate TLS (terminate = { cert = ..., key = ... })".into()));
+            }
+            Upstream::Metrics
+        }
+        None => {
+            return Err((
+                value_span,
+                format!("{key}.backend"),
+                "missing: every route needs a backend".into(),
+            ))
+        }
+    };
+    if upstream == Upstream::Metrics && proxy_protocol.is_some() {
+        return Err((
+            value_span,
+            format!("{key}.proxy_protocol"),
+            "the [metrics] route has no backend to send it to".into(),
+        ));
+    }
+    Ok(Target {
+        upstream,
+        proxy_protocol,
+        terminate,
     })
 }
 
@@ -586,7 +813,10 @@ shutdown = "30s"
         let get = |n: &str| {
             c.routes
                 .lookup_name(&ServerName::parse(n.as_bytes()).unwrap())
-                .map(|r| (r.label.to_string(), r.backend.clone()))
+                .map(|r| match &r.target.upstream {
+                    Upstream::Backend(b) => (r.label.to_string(), b.clone()),
+                    Upstream::Metrics => panic!("not a backend"),
+                })
         };
         assert_eq!(
             get("git.example.org"),

@@ -1,11 +1,13 @@
-//! One connection's pipeline: read ClientHello -> route -> connect -> replay hello -> forward ->
-//! record the outcome. Every step runs under a timeout; the end is one [`Outcome`], logged once.
+//! One connection's pipeline: read ClientHello -> route (name, then ALPN) -> connect ->
+//! (terminate TLS) -> PROXY header -> replay hello -> forward -> record the outcome. Every step
+//! runs under a timeout; the end is one [`Outcome`], logged and counted once.
 
 use crate::alert::Alert;
 use crate::backend::{self, ConnectError};
-use crate::config::{Config, Route};
+use crate::config::{Config, Route, Target, Upstream};
 use crate::hello::{ClientHello, HelloError, HelloReader};
 use crate::metrics as m;
+use crate::proxy_protocol;
 use crate::splice::{self, Counters, End, ForwardMode, PipePool};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +54,10 @@ pub enum Reject {
     },
     #[error("server shutting down")]
     Shutdown,
+    #[error("{0}")]
+    Handshake(crate::tls::HandshakeError),
+    #[error("TLS handshake not complete within {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 impl Reject {
@@ -64,6 +70,7 @@ impl Reject {
             Reject::NoRoute => "no_route",
             Reject::Backend { .. } => "backend_error",
             Reject::Shutdown => "shutdown",
+            Reject::Handshake(_) | Reject::HandshakeTimeout(_) => "handshake_error",
         }
     }
 
@@ -100,31 +107,31 @@ impl Outcome {
     }
 }
 
+/// What is known about a connection so far, for its one log line and its metrics.
+#[derive(Debug, Default)]
+struct Trace {
+    hello: Option<ClientHello>,
+    route: Option<Arc<Route>>,
+    backend: Option<String>,
+    counters: Counters,
+}
+
 /// Runs the whole pipeline for one accepted connection and logs its outcome.
-pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+pub async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
     // Taken once: a reload during this connection does not change its route or timeouts.
     let config = shared.config.load_full();
-    let counters = Counters::default();
-    let mut hello_info: Option<ClientHello> = None;
-    let mut route: Option<Arc<Route>> = None;
-    let outcome = pipeline(
-        &mut client,
-        &config,
-        &shared,
-        &counters,
-        &mut hello_info,
-        &mut route,
-    )
-    .await;
+    let mut trace = Trace::default();
+    let outcome = pipeline(client, peer, &config, &shared, &mut trace).await;
 
-    let sni = hello_info
+    let sni = trace
+        .hello
         .as_ref()
         .and_then(|h| h.sni.as_ref())
         .map_or("-", |n| n.as_str());
-    let route_label = route.as_ref().map_or(m::NO_ROUTE, |r| &r.label);
-    let backend = route.as_ref().map(|r| r.backend.to_string());
-    let backend = backend.as_deref().unwrap_or("-");
+    let route_label = trace.route.as_ref().map_or(m::NO_ROUTE, |r| &r.label);
+    let backend = trace.backend.as_deref().unwrap_or("-");
+    let counters = &trace.counters;
     let elapsed = started.elapsed();
     let outcome_label = outcome.label();
     metrics::counter!(m::CONNECTIONS_TOTAL, "route" => route_label.to_owned(), "outcome" => outcome_label)
@@ -148,11 +155,13 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, shared: Arc<Shared>
     }
     match &outcome {
         _ if config.log_connections => {}
-        Outcome::Rejected(r @ (Reject::NoRoute | Reject::Backend { .. })) => {
+        Outcome::Rejected(
+            r @ (Reject::NoRoute | Reject::Backend { .. } | Reject::Handshake(_)),
+        ) => {
             tracing::warn!(%peer, sni, route = route_label, reason = r.label(), "rejected: {r}");
         }
         Outcome::Rejected(r) => {
-            let bad_sni = hello_info.as_ref().and_then(|h| h.bad_sni.clone());
+            let bad_sni = trace.hello.as_ref().and_then(|h| h.bad_sni.clone());
             tracing::info!(%peer, sni, ?bad_sni, reason = r.label(), "rejected: {r}");
         }
         Outcome::Forwarded(_) => {
@@ -184,76 +193,186 @@ impl Drop for ActiveGuard {
 }
 
 async fn pipeline(
-    client: &mut TcpStream,
+    mut client: TcpStream,
+    peer: SocketAddr,
     config: &Config,
     shared: &Shared,
-    counters: &Counters,
-    hello_out: &mut Option<ClientHello>,
-    route_out: &mut Option<Arc<Route>>,
+    trace: &mut Trace,
 ) -> Outcome {
     let cancel = &shared.force_close;
     let t = &config.timeouts;
+    let limits = splice::Limits {
+        idle: t.idle,
+        cancel,
+    };
 
     // 1. ClientHello, complete, within the deadline.
     let mut reader = HelloReader::new();
     let hello_started = Instant::now();
     let hello = tokio::select! {
-        r = tokio::time::timeout(t.client_hello, read_hello(client, &mut reader)) => match r {
+        r = tokio::time::timeout(t.client_hello, read_hello(&mut client, &mut reader)) => match r {
             Ok(Ok(h)) => h,
-            Ok(Err(rej)) => return reject(client, rej).await,
-            Err(_) => return reject(client, Reject::HelloTimeout(t.client_hello)).await,
+            Ok(Err(rej)) => return reject(&mut client, rej).await,
+            Err(_) => return reject(&mut client, Reject::HelloTimeout(t.client_hello)).await,
         },
         _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
     };
-
     metrics::histogram!(m::CLIENT_HELLO_SECONDS).record(hello_started.elapsed().as_secs_f64());
 
-    // 2. Route.
-    let Some(route) = config.routes.route(hello.sni.as_ref()).cloned() else {
-        *hello_out = Some(hello);
-        return reject(client, Reject::NoRoute).await;
+    // 2. Route by name, then by the client's ALPN offers.
+    let route = config.routes.route(hello.sni.as_ref()).cloned();
+    let hello = trace.hello.insert(hello);
+    let Some(route) = route else {
+        return reject(&mut client, Reject::NoRoute).await;
     };
-    *hello_out = Some(hello);
-    *route_out = Some(route.clone());
+    let target: Target = route.select(&hello.alpn).clone();
+    trace.route = Some(route.clone());
+    trace.backend = Some(target.upstream.to_string());
     let _active = ActiveGuard::new(&route.label);
-    counters.attach_metrics(&route.label);
+    trace.counters.attach_metrics(&route.label);
+    let counters = &trace.counters;
 
-    // 3. Connect, and replay the hello bytes exactly as received.
-    let connect_started = Instant::now();
-    let connected = async {
-        let mut b = backend::connect(&route.backend, t.connect).await?;
-        tokio::time::timeout(t.connect, b.write_all(reader.buffered()))
-            .await
-            .map_err(|_| ConnectError::Timeout(t.connect))??;
-        Ok::<_, ConnectError>(b)
-    };
-    let mut backend = tokio::select! {
-        r = connected => match r {
-            Ok(b) => b,
-            Err(error) => {
-                let backend = route.backend.to_string();
-                return reject(client, Reject::Backend { backend, error }).await;
+    // 3. Connect first, so an unreachable backend gets alert 80 in both modes.
+    let mut backend = match &target.upstream {
+        Upstream::Metrics => None,
+        Upstream::Backend(addr) => {
+            let connect_started = Instant::now();
+            tokio::select! {
+                r = backend::connect(addr, t.connect) => match r {
+                    Ok(b) => {
+                        metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "route" => route.label.to_string())
+                            .record(connect_started.elapsed().as_secs_f64());
+                        Some(b)
+                    }
+                    Err(error) => {
+                        let backend = addr.to_string();
+                        return reject(&mut client, Reject::Backend { backend, error }).await;
+                    }
+                },
+                _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
             }
-        },
-        _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
+        }
     };
-    metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "route" => route.label.to_string())
-        .record(connect_started.elapsed().as_secs_f64());
-    counters.add_up(reader.buffered().len() as u64);
-    drop(reader);
+    let local = client.local_addr().unwrap_or(peer);
+    let sni = hello.sni.as_ref().map(|n| n.as_str().to_owned());
 
-    // 4. Forward both ways until both end.
+    // 4a. Terminated: finish the handshake here, then copy plaintext.
+    if let Some(term) = &target.terminate {
+        let handshake = crate::tls::accept(client, reader.buffered(), term.tls.clone());
+        let mut tls = tokio::select! {
+            r = tokio::time::timeout(t.client_hello, handshake) => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Outcome::Rejected(Reject::Handshake(e)),
+                Err(_) => return Outcome::Rejected(Reject::HandshakeTimeout(t.client_hello)),
+            },
+            _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
+        };
+        drop(reader);
+        let Some(mut backend) = backend else {
+            return Outcome::Forwarded(serve_metrics(&mut tls, shared, t.client_hello).await);
+        };
+        if let Some(version) = target.proxy_protocol {
+            let conn = tls.get_ref().1;
+            let extra = proxy_protocol::Extra {
+                authority: sni.as_deref(),
+                alpn: conn.alpn_protocol(),
+                ssl: Some(crate::tls::session_info(conn)),
+            };
+            let header = proxy_protocol::header(version, peer, local, &extra);
+            if let Err(e) = tokio::time::timeout(t.connect, backend.write_all(&header))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "backend did not take the PROXY header",
+                    ))
+                })
+            {
+                return Outcome::Forwarded(End::Error(splice::Side::Backend, e));
+            }
+        }
+        return Outcome::Forwarded(
+            splice::forward_copy(&mut tls, &mut backend, limits, counters).await,
+        );
+    }
+
+    // 4b. Passthrough: PROXY header and the hello exactly as received, in one write.
+    let Some(mut backend) = backend.take() else {
+        // Validation guarantees the metrics route terminates; refuse rather than guess.
+        return reject(&mut client, Reject::NoRoute).await;
+    };
+    let mut first = match target.proxy_protocol {
+        Some(version) => {
+            let extra = proxy_protocol::Extra {
+                authority: sni.as_deref(),
+                alpn: hello.alpn.first().map(|p| p.as_slice()),
+                ssl: None,
+            };
+            proxy_protocol::header(version, peer, local, &extra)
+        }
+        None => Vec::new(),
+    };
+    let hello_len = reader.buffered().len();
+    first.extend_from_slice(reader.buffered());
+    drop(reader);
+    match tokio::time::timeout(t.connect, backend.write_all(&first)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Outcome::Forwarded(End::Error(splice::Side::Backend, e)),
+        Err(_) => {
+            let error = ConnectError::Timeout(t.connect);
+            let backend = target.upstream.to_string();
+            return reject(&mut client, Reject::Backend { backend, error }).await;
+        }
+    }
+    // The PROXY header is ours, not the client's: only the client's bytes are counted.
+    counters.add_up(hello_len as u64);
     let end = splice::forward(
-        client,
+        &mut client,
         &mut backend,
         shared.forward,
         &shared.pipes,
-        t.idle,
-        cancel,
+        limits,
         counters,
     )
     .await;
     Outcome::Forwarded(end)
+}
+
+/// Answers one HTTP request for `/metrics` on a terminated connection.
+async fn serve_metrics<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    shared: &Shared,
+    timeout: Duration,
+) -> End {
+    let Some(handle) = &shared.metrics else {
+        let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        let _ = s.shutdown().await;
+        return End::Done;
+    };
+    let mut head = Vec::new();
+    let read = tokio::time::timeout(timeout, async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await?;
+            if n == 0 || head.len() + n > 8192 {
+                return Err(std::io::Error::from(std::io::ErrorKind::InvalidData));
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return End::Error(splice::Side::Client, e),
+        Err(_) => return End::Idle,
+    }
+    let response = crate::metrics::http_response(&head, handle);
+    if let Err(e) = s.write_all(&response).await {
+        return End::Error(splice::Side::Client, e);
+    }
+    let _ = s.shutdown().await;
+    End::Done
 }
 
 async fn read_hello(

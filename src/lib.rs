@@ -22,10 +22,12 @@ pub mod listener;
 pub mod metrics;
 pub mod name;
 pub mod privileges;
+pub mod proxy_protocol;
 pub mod router;
 pub mod server;
 pub mod splice;
 pub mod systemd;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run, Control, Options};

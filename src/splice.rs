@@ -382,18 +382,14 @@ async fn idle_watch(counters: &Counters, start: Instant, idle: Duration) {
     }
 }
 
-/// Forwards between a client socket and a backend until both directions end, the idle timeout
-/// fires or `cancel` is triggered. Byte counts land in `counters` as they move.
-pub async fn forward(
-    client: &mut TcpStream,
-    backend: &mut BackendStream,
-    mode: ForwardMode,
-    pool: &PipePool,
-    idle: Duration,
-    cancel: &CancellationToken,
-    counters: &Counters,
-) -> End {
-    let start = Instant::now();
+/// Limits shared by both forwarding paths.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits<'a> {
+    pub idle: Duration,
+    pub cancel: &'a CancellationToken,
+}
+
+fn dirs(counters: &Counters, start: Instant) -> (Dir<'_>, Dir<'_>) {
     counters.touch(start);
     let up = Dir {
         up: true,
@@ -409,28 +405,65 @@ pub async fn forward(
         src: Side::Backend,
         dst: Side::Client,
     };
-    let both = async {
-        match mode {
-            ForwardMode::Splice => {
-                let (c, b) = (&*client, &*backend);
-                tokio::try_join!(splice_dir(c, b, pool, up), splice_dir(b, c, pool, down))
-            }
-            ForwardMode::Copy => {
-                let (mut cr, mut cw) = tokio::io::split(&mut *client);
-                let (mut br, mut bw) = tokio::io::split(&mut *backend);
-                tokio::try_join!(
-                    copy_dir(&mut cr, &mut bw, up),
-                    copy_dir(&mut br, &mut cw, down)
-                )
-            }
-        }
-    };
+    (up, down)
+}
+
+async fn drive(
+    both: impl std::future::Future<Output = Result<((), ()), (Side, io::Error)>>,
+    counters: &Counters,
+    start: Instant,
+    limits: Limits<'_>,
+) -> End {
     tokio::select! {
         r = both => match r {
             Ok(_) => End::Done,
             Err((side, e)) => End::Error(side, e),
         },
-        _ = idle_watch(counters, start, idle) => End::Idle,
-        _ = cancel.cancelled() => End::Cancelled,
+        _ = idle_watch(counters, start, limits.idle) => End::Idle,
+        _ = limits.cancel.cancelled() => End::Cancelled,
     }
+}
+
+/// Forwards between a client socket and a backend socket until both directions end, the idle
+/// timeout fires or `cancel` is triggered: by splice, or through a buffer in `Copy` mode.
+pub async fn forward(
+    client: &mut TcpStream,
+    backend: &mut BackendStream,
+    mode: ForwardMode,
+    pool: &PipePool,
+    limits: Limits<'_>,
+    counters: &Counters,
+) -> End {
+    if mode == ForwardMode::Copy {
+        return forward_copy(client, backend, limits, counters).await;
+    }
+    let start = Instant::now();
+    let (up, down) = dirs(counters, start);
+    let (c, b) = (&*client, &*backend);
+    let both = async { tokio::try_join!(splice_dir(c, b, pool, up), splice_dir(b, c, pool, down)) };
+    drive(both, counters, start, limits).await
+}
+
+/// The copy path, for any pair of streams (a terminated TLS stream cannot be spliced).
+pub async fn forward_copy<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    limits: Limits<'_>,
+    counters: &Counters,
+) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let (up, down) = dirs(counters, start);
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut br, mut bw) = tokio::io::split(backend);
+    let both = async {
+        tokio::try_join!(
+            copy_dir(&mut cr, &mut bw, up),
+            copy_dir(&mut br, &mut cw, down)
+        )
+    };
+    drive(both, counters, start, limits).await
 }

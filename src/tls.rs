@@ -1,0 +1,129 @@
+//! TLS termination: loading a route's certificate chain and key into a rustls config (errors
+//! name the file), and finishing a handshake whose ClientHello was already read by the router.
+//! The crypto provider is aws-lc-rs, passed explicitly (post-quantum X25519MLKEM768 preferred).
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::Acceptor;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Builds the server config for a terminated route. `alpn` is what sniplex will negotiate:
+/// a client that offers ALPN but none of these gets the `no_application_protocol` alert.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {}", cert.display(), pem_error(e)))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {}", cert.display(), pem_error(e)))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: {}", key.display(), pem_error(e)))?;
+    let provider = provider();
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key_der, &provider)
+        .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?;
+    // from_der tolerates "unknown" consistency; a key we can check and that does not match the
+    // certificate must fail here, not at the first handshake.
+    if let Err(e @ rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        certified.keys_match()
+    {
+        return Err(format!(
+            "{} does not match {}: {e}",
+            key.display(),
+            cert.display()
+        ));
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+    config.alpn_protocols = alpn.to_vec();
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(e) => e.to_string(),
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            "no PEM item of the expected kind (certificate or private key)".into()
+        }
+        other => format!("not valid PEM: {other:?}"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("ClientHello rejected by TLS: {0}")]
+    Hello(rustls::Error),
+}
+
+/// Completes the handshake on `client`, feeding rustls the `hello` bytes already read (no
+/// second read, no re-parse by us).
+pub async fn accept(
+    mut client: TcpStream,
+    hello: &[u8],
+    config: Arc<rustls::ServerConfig>,
+) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    let mut acceptor = Acceptor::default();
+    let mut rest = hello;
+    while !rest.is_empty() {
+        match acceptor.read_tls(&mut rest) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return Err(HandshakeError::Tls(e)),
+        }
+    }
+    let accepted = match acceptor.accept() {
+        Ok(Some(a)) => a,
+        // The router only calls this with a complete hello.
+        Ok(None) => {
+            return Err(HandshakeError::Tls(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "incomplete ClientHello",
+            )))
+        }
+        Err((e, mut alert)) => {
+            let mut out = Vec::new();
+            let _ = alert.write(&mut out);
+            let _ = client.write_all(&out).await;
+            return Err(HandshakeError::Hello(e));
+        }
+    };
+    tokio_rustls::StartHandshake::from_parts(accepted, client)
+        .into_stream(config)
+        .await
+        .map_err(HandshakeError::Tls)
+}
+
+/// Version and cipher names for the PROXY v2 SSL TLV.
+pub fn session_info(conn: &rustls::ServerConnection) -> crate::proxy_protocol::SslInfo {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(v) => format!("{v:?}"),
+        None => "unknown".to_owned(),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("unknown")
+        .to_owned();
+    crate::proxy_protocol::SslInfo { version, cipher }
+}
