@@ -258,7 +258,8 @@ async fn pipeline(
 
     // 4a. Terminated: finish the handshake here, then copy plaintext.
     if let Some(term) = &target.terminate {
-        let handshake = crate::tls::accept(client, reader.buffered(), term.tls.clone());
+        let (hello_records, after) = reader.buffered().split_at(reader.consumed());
+        let handshake = crate::tls::accept(client, hello_records, after, term.tls.clone());
         let mut tls = tokio::select! {
             r = tokio::time::timeout(t.client_hello, handshake) => match r {
                 Ok(Ok(s)) => s,

@@ -94,6 +94,13 @@ impl HelloReader {
         self.raw
     }
 
+    /// How many bytes of [`buffered`](Self::buffered) are whole records read so far. Once the
+    /// hello is complete this is where the records holding it end; anything after it is the
+    /// client's next bytes.
+    pub fn consumed(&self) -> usize {
+        self.parsed
+    }
+
     /// Appends `data` and advances. `Ok(None)` means the hello is not complete yet.
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<ClientHello>, HelloError> {
         if self.raw.len() + data.len() > MAX_BUFFERED {
@@ -416,6 +423,7 @@ mod tests {
             }
             assert_eq!(got.unwrap().sni.unwrap().as_str(), sni);
             assert_eq!(r.buffered(), &bytes[..]);
+            assert_eq!(r.consumed(), bytes.len());
 
             let three = records(&payload(&bytes), 3);
             let hello = read_client_hello(&three).unwrap().unwrap();

@@ -7,8 +7,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::Acceptor;
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -33,8 +35,13 @@ pub fn server_config(
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("{}: {}", key.display(), pem_error(e)))?;
     let provider = provider();
-    let certified = rustls::sign::CertifiedKey::from_der(chain, key_der, &provider)
-        .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?;
+    let certified =
+        rustls::sign::CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                format!("{} does not match {}", key.display(), cert.display())
+            }
+            e => format!("{} / {}: {e}", cert.display(), key.display()),
+        })?;
     // from_der tolerates "unknown" consistency; a key we can check and that does not match the
     // certificate must fail here, not at the first handshake.
     if let Err(e @ rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
@@ -74,13 +81,64 @@ pub enum HandshakeError {
     Hello(rustls::Error),
 }
 
-/// Completes the handshake on `client`, feeding rustls the `hello` bytes already read (no
-/// second read, no re-parse by us).
+/// A stream that first yields bytes already read from it.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if me.pos < me.prefix.len() {
+            let n = (me.prefix.len() - me.pos).min(buf.remaining());
+            buf.put_slice(&me.prefix[me.pos..me.pos + n]);
+            me.pos += n;
+            if me.pos == me.prefix.len() {
+                me.prefix = Vec::new();
+                me.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The client side of a terminated connection.
+pub type ClientTls = TlsStream<Prefixed<TcpStream>>;
+
+/// Completes the handshake on `client`, feeding rustls the `hello` records already read (no
+/// second read, no re-parse by us). `after` is whatever the client sent after its hello in the
+/// same reads: it is handed to rustls as if it came from the socket now, so it is processed
+/// at once rather than after the client's next bytes.
 pub async fn accept(
     mut client: TcpStream,
     hello: &[u8],
+    after: &[u8],
     config: Arc<rustls::ServerConfig>,
-) -> Result<TlsStream<TcpStream>, HandshakeError> {
+) -> Result<ClientTls, HandshakeError> {
     let mut acceptor = Acceptor::default();
     let mut rest = hello;
     while !rest.is_empty() {
@@ -105,6 +163,11 @@ pub async fn accept(
             let _ = client.write_all(&out).await;
             return Err(HandshakeError::Hello(e));
         }
+    };
+    let client = Prefixed {
+        prefix: after.to_vec(),
+        pos: 0,
+        inner: client,
     };
     tokio_rustls::StartHandshake::from_parts(accepted, client)
         .into_stream(config)

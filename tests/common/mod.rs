@@ -127,19 +127,67 @@ pub struct Seen {
     pub sha: String,
 }
 
-/// A TLS backend. Per connection, after the handshake, the client's first line is a command:
+/// A PROXY header as a backend parsed it (with the `ppp` crate, independently of sniplex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySeen {
+    pub version: u8,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// v2 TLVs as (type, value).
+    pub tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+impl ProxySeen {
+    pub fn tlv(&self, kind: u8) -> Option<&[u8]> {
+        self.tlvs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// What a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    /// TLS, then the command protocol described at [`Backend`].
+    Tls,
+    /// Plain HTTP/1.1: answers every request with `200` and the body `<id> <request line>`.
+    Http,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+enum AnyListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl AnyListener {
+    async fn accept(&self) -> io::Result<Box<dyn Io>> {
+        Ok(match self {
+            AnyListener::Unix(l) => Box::new(l.accept().await?.0),
+            AnyListener::Tcp(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
+/// A test backend. With [`Speaks::Tls`], per connection, after the handshake, the client's
+/// first line is a command:
 /// - `ID`: reply with the backend's id line, then close.
 /// - `ECHO`: echo every byte until EOF, then half-close.
 /// - `SINK`: read until EOF, reply `<bytes> <sha256>`, close.
 /// - `SOURCE <n>`: send n pattern bytes and half-close; then read until EOF and report it.
 /// - `HOLD`: read until EOF, reply `bye`, close.
 ///
-/// Every connection's incoming byte count and hash are also reported on `seen`.
+/// Every connection's incoming byte count and hash are also reported on `seen`; with
+/// `proxy = true` the backend first reads a PROXY header and reports it on `proxies`.
 pub struct Backend {
     pub id: String,
     /// The address as sniplex's config writes it.
     pub config_addr: String,
     pub seen: mpsc::UnboundedReceiver<Seen>,
+    pub proxies: mpsc::UnboundedReceiver<ProxySeen>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -151,59 +199,66 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(id: &str, listen: Listen, pki: &Pki) -> Backend {
+        Self::start_kind(id, listen, pki, Speaks::Tls, false).await
+    }
+
+    pub async fn start_kind(
+        id: &str,
+        listen: Listen,
+        pki: &Pki,
+        speaks: Speaks,
+        proxy: bool,
+    ) -> Backend {
         let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
         let (tx, seen) = mpsc::unbounded_channel();
-        let id_owned = id.to_owned();
-        let (config_addr, task) = match listen {
-            Listen::Unix(path) => {
-                let l = UnixListener::bind(&path).unwrap();
-                let addr = format!("unix:{}", path.display());
-                (
-                    addr,
-                    tokio::spawn(async move {
-                        loop {
-                            let Ok((s, _)) = l.accept().await else {
-                                continue;
-                            };
-                            tokio::spawn(serve(s, acceptor.clone(), id_owned.clone(), tx.clone()));
-                        }
-                    }),
-                )
-            }
-            Listen::Abstract(name) => {
-                let l = UnixListener::bind(format!("\0{name}")).unwrap();
-                (
-                    format!("unix:@{name}"),
-                    tokio::spawn(async move {
-                        loop {
-                            let Ok((s, _)) = l.accept().await else {
-                                continue;
-                            };
-                            tokio::spawn(serve(s, acceptor.clone(), id_owned.clone(), tx.clone()));
-                        }
-                    }),
-                )
-            }
+        let (ptx, proxies) = mpsc::unbounded_channel();
+        let (config_addr, listener) = match listen {
+            Listen::Unix(path) => (
+                format!("unix:{}", path.display()),
+                AnyListener::Unix(UnixListener::bind(&path).unwrap()),
+            ),
+            Listen::Abstract(name) => (
+                format!("unix:@{name}"),
+                AnyListener::Unix(UnixListener::bind(format!("\0{name}")).unwrap()),
+            ),
             Listen::Tcp(addr) => {
                 let l = TcpListener::bind(addr).await.unwrap();
-                let addr = l.local_addr().unwrap();
-                (
-                    addr.to_string(),
-                    tokio::spawn(async move {
-                        loop {
-                            let Ok((s, _)) = l.accept().await else {
-                                continue;
-                            };
-                            tokio::spawn(serve(s, acceptor.clone(), id_owned.clone(), tx.clone()));
-                        }
-                    }),
-                )
+                (l.local_addr().unwrap().to_string(), AnyListener::Tcp(l))
             }
         };
+        let id_owned = id.to_owned();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(mut s) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, id, tx, ptx) =
+                    (acceptor.clone(), id_owned.clone(), tx.clone(), ptx.clone());
+                tokio::spawn(async move {
+                    if proxy {
+                        match read_proxy_header(&mut s).await {
+                            Some(p) => {
+                                let _ = ptx.send(p);
+                            }
+                            None => return,
+                        }
+                    }
+                    match speaks {
+                        Speaks::Tls => {
+                            if let Ok(tls) = acceptor.accept(s).await {
+                                serve(tls, id, tx).await;
+                            }
+                        }
+                        Speaks::Http => serve_http(s, id).await,
+                    }
+                });
+            }
+        });
         Backend {
             id: id.to_owned(),
             config_addr,
             seen,
+            proxies,
             task,
         }
     }
@@ -214,17 +269,111 @@ impl Backend {
             .expect("backend reported nothing")
             .expect("backend gone")
     }
+
+    pub async fn next_proxy(&mut self) -> ProxySeen {
+        tokio::time::timeout(DEADLINE, self.proxies.recv())
+            .await
+            .expect("backend saw no PROXY header")
+            .expect("backend gone")
+    }
+}
+
+/// Reads exactly one PROXY header (v1 or v2) and parses it with `ppp`.
+async fn read_proxy_header<S: AsyncRead + Unpin>(s: &mut S) -> Option<ProxySeen> {
+    let mut buf = vec![0u8; 16];
+    s.read_exact(&mut buf[..5]).await.ok()?;
+    if &buf[..5] == b"PROXY" {
+        let mut line = buf[..5].to_vec();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") && line.len() < 108 {
+            s.read_exact(&mut b).await.ok()?;
+            line.push(b[0]);
+        }
+        let text = std::str::from_utf8(&line).ok()?;
+        let h = ppp::v1::Header::try_from(text).ok()?;
+        let (src, dst) = match h.addresses {
+            ppp::v1::Addresses::Tcp4(a) => (
+                SocketAddr::from((a.source_address, a.source_port)),
+                SocketAddr::from((a.destination_address, a.destination_port)),
+            ),
+            ppp::v1::Addresses::Tcp6(a) => (
+                SocketAddr::from((a.source_address, a.source_port)),
+                SocketAddr::from((a.destination_address, a.destination_port)),
+            ),
+            ppp::v1::Addresses::Unknown => return None,
+        };
+        return Some(ProxySeen {
+            version: 1,
+            src,
+            dst,
+            tlvs: Vec::new(),
+        });
+    }
+    s.read_exact(&mut buf[5..16]).await.ok()?;
+    let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    buf.resize(16 + len, 0);
+    s.read_exact(&mut buf[16..]).await.ok()?;
+    let h = ppp::v2::Header::try_from(buf.as_slice()).ok()?;
+    assert_eq!(h.command, ppp::v2::Command::Proxy);
+    assert_eq!(h.protocol, ppp::v2::Protocol::Stream);
+    let (src, dst) = match h.addresses {
+        ppp::v2::Addresses::IPv4(a) => (
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        ),
+        ppp::v2::Addresses::IPv6(a) => (
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        ),
+        _ => return None,
+    };
+    let tlvs = h
+        .tlvs()
+        .map(|t| t.map(|t| (t.kind, t.value.to_vec())))
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some(ProxySeen {
+        version: 2,
+        src,
+        dst,
+        tlvs,
+    })
+}
+
+/// A minimal HTTP/1.1 server: one response per request, until the client closes.
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: S, id: String) {
+    let (r, mut w) = tokio::io::split(s);
+    let mut r = BufReader::new(r);
+    loop {
+        let mut request_line = String::new();
+        if r.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" {
+                break;
+            }
+        }
+        let body = format!("{id} {}\n", request_line.trim());
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if w.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    s: S,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: S,
     id: String,
     tx: mpsc::UnboundedSender<Seen>,
 ) {
-    let Ok(tls) = acceptor.accept(s).await else {
-        return;
-    };
     let (r, mut w) = tokio::io::split(tls);
     let mut r = BufReader::new(r);
     let mut line = String::new();
