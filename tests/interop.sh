@@ -29,7 +29,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
     -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
 openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=demo.localhost" \
     -keyout "$tmp/key.pem" -out "$tmp/req.pem" 2>/dev/null
-printf 'subjectAltName=DNS:demo.localhost,DNS:*.lab.localhost\n' > "$tmp/ext.cnf"
+printf 'subjectAltName=DNS:demo.localhost,DNS:*.lab.localhost,DNS:pp.localhost,DNS:pp1.localhost,DNS:blog.localhost\n' > "$tmp/ext.cnf"
 openssl x509 -req -in "$tmp/req.pem" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial -days 2 \
     -extfile "$tmp/ext.cnf" -out "$tmp/cert.pem" 2>/dev/null
 
@@ -44,6 +44,7 @@ pid $tmp/nginx.pid;
 error_log $tmp/nginx-error.log info;
 events { worker_connections 256; }
 http {
+    log_format pp '\$proxy_protocol_addr \$ssl_server_name \$server_name \$request';
     access_log $tmp/nginx-access.log;
     client_body_temp_path $tmp/body;
     proxy_temp_path $tmp/proxy;
@@ -57,6 +58,21 @@ http {
         ssl_certificate_key $tmp/key.pem;
         location / { return 200 "hello from nginx on a unix socket\n"; }
     }
+    # TLS with the PROXY protocol (v1 and v2 are both accepted on such a listener).
+    server {
+        listen unix:$tmp/pp.sock ssl proxy_protocol;
+        server_name pp.localhost pp1.localhost;
+        ssl_certificate $tmp/cert.pem;
+        ssl_certificate_key $tmp/key.pem;
+        access_log $tmp/nginx-pp.log pp;
+        location / { return 200 "proxied for \$proxy_protocol_addr\n"; }
+    }
+    # Plain HTTP: sniplex terminates TLS in front of it.
+    server {
+        listen unix:$tmp/plain.sock;
+        server_name blog.localhost;
+        location / { return 200 "plain http backend, host \$host\n"; }
+    }
 }
 NGINX
 nginx -p "$tmp" -c "$tmp/nginx.conf" > "$tmp/nginx.log" 2>&1 &
@@ -65,6 +81,20 @@ pids+=($!)
 # --- sniplex on the shipped example, with the demo paths moved into our temp dir ---
 sed -e "s|/tmp/sniplex-demo|$tmp|g" -e 's|^listen = .*|listen = ["127.0.0.1:0"]|' \
     "$here/conf/sniplex.toml" > "$tmp/sniplex.toml"
+cat >> "$tmp/sniplex.toml" <<TOML
+
+[routes."pp.localhost"]
+backend = "unix:$tmp/pp.sock"
+proxy_protocol = "v2"
+
+[routes."pp1.localhost"]
+backend = "unix:$tmp/pp.sock"
+proxy_protocol = "v1"
+
+[routes."blog.localhost"]
+backend = "unix:$tmp/plain.sock"
+terminate = { cert = "$tmp/cert.pem", key = "$tmp/key.pem", alpn = ["http/1.1"] }
+TOML
 "$bin" check -c "$tmp/sniplex.toml" > /dev/null || fail "sniplex check rejected the example config"
 "$bin" -c "$tmp/sniplex.toml" > "$tmp/sniplex.log" 2>&1 &
 pids+=($!)
@@ -112,7 +142,26 @@ curl -sS --max-time 10 --resolve "demo.localhost:$port:127.0.0.1" --cacert "$tmp
     "https://demo.localhost:$port/" > /dev/null || fail "served nothing after plain HTTP"
 ok "plain HTTP closed, next TLS client served"
 
-# 6. SIGTERM: exit 0.
+# 6. PROXY protocol v2 and v1 into nginx: its access log shows the real client address and
+#    the server that nginx selected by the SNI it received.
+for name in pp.localhost pp1.localhost; do
+    body=$(curl -sS --max-time 10 --resolve "$name:$port:127.0.0.1" --cacert "$tmp/ca.pem" \
+        "https://$name:$port/via-proxy-protocol") || fail "curl $name failed"
+    [ "$body" = "proxied for 127.0.0.1" ] || fail "$name: unexpected body: $body"
+    grep -q "^127.0.0.1 $name pp.localhost GET /via-proxy-protocol" "$tmp/nginx-pp.log" \
+        || fail "$name: nginx log lacks the client address and SNI: $(cat "$tmp/nginx-pp.log")"
+done
+ok "PROXY v2 and v1: nginx logged $(tail -n1 "$tmp/nginx-pp.log")"
+
+# 7. A terminated route (plain-HTTP nginx behind) and a passthrough route on the same sniplex.
+body=$(curl -sS --max-time 10 --resolve "blog.localhost:$port:127.0.0.1" --cacert "$tmp/ca.pem" \
+    "https://blog.localhost:$port/") || fail "curl to the terminated route failed"
+[ "$body" = "plain http backend, host blog.localhost" ] || fail "terminated: unexpected body: $body"
+curl -sS --max-time 10 --resolve "demo.localhost:$port:127.0.0.1" --cacert "$tmp/ca.pem" \
+    "https://demo.localhost:$port/" > /dev/null || fail "passthrough after terminated failed"
+ok "curl: terminated route -> plain nginx, passthrough route -> TLS nginx"
+
+# 8. SIGTERM: exit 0.
 kill -TERM "$sniplex_pid"
 wait "$sniplex_pid" || fail "sniplex exited with $? after SIGTERM"
 ok "SIGTERM exit 0"
