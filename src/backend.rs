@@ -49,6 +49,27 @@ pub async fn connect(addr: &BackendAddr, timeout: Duration) -> Result<BackendStr
     }
 }
 
+/// Tries each backend in order until one connects (each with its own `timeout`). Returns the
+/// stream and the index of the backend that answered, or the last error.
+pub async fn connect_first(
+    addrs: &[BackendAddr],
+    timeout: Duration,
+) -> Result<(BackendStream, usize), (usize, ConnectError)> {
+    let mut last = (0, ConnectError::NoAddress);
+    for (i, a) in addrs.iter().enumerate() {
+        match connect(a, timeout).await {
+            Ok(s) => return Ok((s, i)),
+            Err(e) => {
+                if i + 1 < addrs.len() {
+                    tracing::debug!(backend = %a, "connect failed, trying the next backend: {e}");
+                }
+                last = (i, e);
+            }
+        }
+    }
+    Err(last)
+}
+
 async fn connect_inner(addr: &BackendAddr) -> Result<BackendStream, ConnectError> {
     match addr {
         BackendAddr::Unix(path) => Ok(BackendStream::Unix(UnixStream::connect(path).await?)),

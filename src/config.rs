@@ -109,6 +109,50 @@ pub struct Route {
     /// `alpn."proto" = ...`, in config order. The first protocol the client offers that is
     /// listed here selects its target.
     pub alpn: Vec<(Vec<u8>, Target)>,
+    pub access: Access,
+}
+
+/// `allow` / `deny` of a route: who may reach it at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+impl Access {
+    /// Deny wins; a non-empty allow list admits only what it lists. IPv4-mapped IPv6 clients
+    /// (IPv4 on a dual-stack socket) are matched as IPv4.
+    pub fn permits(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        if self.deny.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// `[limits]`: caps against overload. Beyond each, new connections are closed at once and
+/// counted; connections already open are unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Per client address; IPv6 addresses are grouped by /64 (one host usually owns a /64).
+    pub max_connections_per_ip: usize,
+    /// Connections still waiting for their ClientHello.
+    pub max_handshakes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // 20,000 fits the usual fd limit with room (2 sockets per connection, 4 pipe fds while
+        // busy); 256 per address lets a NAT of many users through; 4,096 pending hellos bound
+        // what a slowloris can hold (64 KiB each at most).
+        Limits {
+            max_connections: 20_000,
+            max_connections_per_ip: 256,
+            max_handshakes: 4096,
+        }
+    }
 }
 
 impl Route {
@@ -137,7 +181,8 @@ pub struct Target {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
-    Backend(BackendAddr),
+    /// Tried in order on connect failure (refused, timeout, missing socket file).
+    Backends(Vec<BackendAddr>),
     /// The `[metrics] route`: sniplex answers `/metrics` itself after terminating TLS.
     Metrics,
 }
@@ -145,7 +190,15 @@ pub enum Upstream {
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Upstream::Backend(b) => b.fmt(f),
+            Upstream::Backends(list) => {
+                for (i, b) in list.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    b.fmt(f)?;
+                }
+                Ok(())
+            }
             Upstream::Metrics => f.write_str("(metrics)"),
         }
     }
@@ -200,6 +253,10 @@ pub struct Config {
     /// One info-level access log line per finished connection.
     pub log_connections: bool,
     pub metrics: Option<MetricsConfig>,
+    pub limits: Limits,
+    /// `[listener] accept_proxy_protocol`: every connection starts with a PROXY v1/v2 header
+    /// from a load balancer in front; its source address is the client's.
+    pub accept_proxy_protocol: bool,
 }
 
 /// `[metrics]`: where the Prometheus endpoint is served.
@@ -369,16 +426,66 @@ struct RawConfig {
     fallback: Option<Spanned<RawRoute>>,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    listener: RawListener,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<Spanned<u64>>,
+    max_connections_per_ip: Option<Spanned<u64>>,
+    max_handshakes: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    #[serde(default)]
+    accept_proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRouteTable {
-    backend: Option<Spanned<String>>,
+    backend: Option<Spanned<OneOrMany>>,
     proxy_protocol: Option<Spanned<String>>,
     terminate: Option<Spanned<RawTerminate>>,
     #[serde(default)]
     alpn: BTreeMap<Spanned<String>, Spanned<RawRoute>>,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+    deny: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `backend = "a"` or `backend = ["a", "b"]`.
+struct OneOrMany(Vec<Spanned<String>>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a backend address or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Spanned::new(0..0, s.to_owned())]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut v = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<String>>()? {
+                    v.push(item);
+                }
+                Ok(OneOrMany(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -405,10 +512,15 @@ impl<'de> Deserialize<'de> for RawRoute {
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawRoute, E> {
                 // No span here: `build_route` points at the enclosing Spanned<RawRoute>.
                 Ok(RawRoute(RawRouteTable {
-                    backend: Some(Spanned::new(0..0, s.to_owned())),
+                    backend: Some(Spanned::new(
+                        0..0,
+                        OneOrMany(vec![Spanned::new(0..0, s.to_owned())]),
+                    )),
                     proxy_protocol: None,
                     terminate: None,
                     alpn: BTreeMap::new(),
+                    allow: None,
+                    deny: None,
                 }))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
@@ -580,8 +692,41 @@ impl RawConfig {
             }
         }
 
+        let mut limits = Limits::default();
+        let l = self.limits;
+        for (name, value, slot) in [
+            (
+                "max_connections",
+                l.max_connections,
+                &mut limits.max_connections,
+            ),
+            (
+                "max_connections_per_ip",
+                l.max_connections_per_ip,
+                &mut limits.max_connections_per_ip,
+            ),
+            (
+                "max_handshakes",
+                l.max_handshakes,
+                &mut limits.max_handshakes,
+            ),
+        ] {
+            if let Some(v) = value {
+                if *v.get_ref() == 0 {
+                    return Err(err(
+                        v.span(),
+                        format!("limits.{name}"),
+                        "must be at least 1".into(),
+                    ));
+                }
+                *slot = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
+            }
+        }
+
         Ok(Config {
             source: path.to_owned(),
+            limits,
+            accept_proxy_protocol: self.listener.accept_proxy_protocol,
             listen,
             routes,
             timeouts,
@@ -650,7 +795,13 @@ fn build_route(
         proxy_protocol,
         terminate,
         alpn: raw_alpn,
+        allow,
+        deny,
     } = table;
+    let access = Access {
+        allow: parse_nets(allow, &format!("{key}.allow"))?,
+        deny: parse_nets(deny, &format!("{key}.deny"))?,
+    };
     let target = build_target(
         ctx,
         backend,
@@ -665,8 +816,17 @@ fn build_route(
             backend,
             proxy_protocol,
             terminate,
+            allow,
+            deny,
             ..
         } = entry.into_inner().0;
+        if let Some(a) = allow.as_ref().or(deny.as_ref()) {
+            return Err((
+                a.span(),
+                format!("{k}.allow"),
+                "allow/deny belong to the route, not to an ALPN entry".into(),
+            ));
+        }
         entries.push((
             proto,
             build_target(ctx, backend, proxy_protocol, terminate, span, &k, false)?,
@@ -676,12 +836,33 @@ fn build_route(
         label: label.into(),
         target,
         alpn: entries,
+        access,
     })
+}
+
+fn parse_nets(
+    list: Option<Spanned<Vec<Spanned<String>>>>,
+    key: &str,
+) -> Result<Vec<ipnet::IpNet>, SpannedError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    list.into_inner()
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let s = n.get_ref();
+            s.parse::<ipnet::IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| (n.span(), format!("{key}[{i}]"), format!("{s:?} is not an address or a CIDR network such as \"192.0.2.0/24\" or \"2001:db8::/32\"")))
+        })
+        .collect()
 }
 
 fn build_target(
     ctx: &RouteCtx<'_>,
-    backend: Option<Spanned<String>>,
+    backend: Option<Spanned<OneOrMany>>,
     proxy_protocol: Option<Spanned<String>>,
     terminate: Option<Spanned<RawTerminate>>,
     value_span: Range<usize>,
@@ -736,16 +917,35 @@ fn build_target(
         }
     };
     let upstream = match backend {
-        Some(b) => {
-            // A bare-string route carries no span of its own: point at the whole value instead.
-            let span = if b.span() == (0..0) {
-                value_span.clone()
-            } else {
-                b.span()
-            };
-            Upstream::Backend(
-                BackendAddr::parse(b.get_ref()).map_err(|m| (span, format!("{key}.backend"), m))?,
-            )
+        Some(list) => {
+            let list_span = list.span();
+            let items = list.into_inner().0;
+            if items.is_empty() {
+                return Err((
+                    list_span,
+                    format!("{key}.backend"),
+                    "an empty list: name at least one backend".into(),
+                ));
+            }
+            let many = items.len() > 1;
+            let mut out = Vec::new();
+            for (i, b) in items.iter().enumerate() {
+                // A bare-string route carries no span of its own: point at the whole value instead.
+                let span = if b.span() != (0..0) {
+                    b.span()
+                } else if list_span != (0..0) {
+                    list_span.clone()
+                } else {
+                    value_span.clone()
+                };
+                let k = if many {
+                    format!("{key}.backend[{i}]")
+                } else {
+                    format!("{key}.backend")
+                };
+                out.push(BackendAddr::parse(b.get_ref()).map_err(|m| (span, k, m))?);
+            }
+            Upstream::Backends(out)
         }
         None if is_metrics => {
             if terminate.is_none() {
@@ -814,7 +1014,7 @@ shutdown = "30s"
             c.routes
                 .lookup_name(&ServerName::parse(n.as_bytes()).unwrap())
                 .map(|r| match &r.target.upstream {
-                    Upstream::Backend(b) => (r.label.to_string(), b.clone()),
+                    Upstream::Backends(b) => (r.label.to_string(), b[0].clone()),
                     Upstream::Metrics => panic!("not a backend"),
                 })
         };

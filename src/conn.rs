@@ -32,6 +32,7 @@ pub struct Shared {
     pub force_close: CancellationToken,
     /// The recorder's handle, for serving `/metrics` on a TLS route.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub gate: Arc<crate::limits::Gate>,
 }
 
 /// Why a connection was not forwarded.
@@ -58,6 +59,12 @@ pub enum Reject {
     Handshake(crate::tls::HandshakeError),
     #[error("TLS handshake not complete within {0:?}")]
     HandshakeTimeout(Duration),
+    #[error("client address not allowed on this route")]
+    Denied,
+    #[error("bad PROXY header: {0}")]
+    ProxyHeader(&'static str),
+    #[error("over the limit ({})", .0.label())]
+    Limit(crate::limits::Refused),
 }
 
 impl Reject {
@@ -71,6 +78,9 @@ impl Reject {
             Reject::Backend { .. } => "backend_error",
             Reject::Shutdown => "shutdown",
             Reject::Handshake(_) | Reject::HandshakeTimeout(_) => "handshake_error",
+            Reject::Denied => "denied",
+            Reject::ProxyHeader(_) => "bad_proxy_header",
+            Reject::Limit(r) => r.label(),
         }
     }
 
@@ -78,7 +88,8 @@ impl Reject {
         match self {
             Reject::Hello(HelloError::TooLarge(_)) => Some(Alert::RecordOverflow),
             Reject::Hello(e) if e.is_tls() => Some(Alert::DecodeError),
-            Reject::NoRoute => Some(Alert::UnrecognizedName),
+            // A denied client is told the name does not exist, as if there were no route.
+            Reject::NoRoute | Reject::Denied => Some(Alert::UnrecognizedName),
             Reject::Backend { .. } => Some(Alert::InternalError),
             _ => None,
         }
@@ -110,6 +121,8 @@ impl Outcome {
 /// What is known about a connection so far, for its one log line and its metrics.
 #[derive(Debug, Default)]
 struct Trace {
+    /// The client: the TCP peer, or the source of the PROXY header on such a listener.
+    peer: Option<SocketAddr>,
     hello: Option<ClientHello>,
     route: Option<Arc<Route>>,
     backend: Option<String>,
@@ -117,12 +130,32 @@ struct Trace {
 }
 
 /// Runs the whole pipeline for one accepted connection and logs its outcome.
-pub async fn handle(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// The slots a connection was admitted with (see [`crate::limits`]).
+#[derive(Debug)]
+pub struct Admission {
+    pub open: crate::limits::OpenSlot,
+    /// Given back as soon as the ClientHello is complete.
+    pub handshake: Option<crate::limits::HandshakeSlot>,
+    /// Taken at accept, or after the PROXY header when the listener expects one.
+    pub ip: Option<crate::limits::IpSlot>,
+}
+
+pub async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut admission: Admission,
+) {
     let started = Instant::now();
     // Taken once: a reload during this connection does not change its route or timeouts.
     let config = shared.config.load_full();
-    let mut trace = Trace::default();
-    let outcome = pipeline(client, peer, &config, &shared, &mut trace).await;
+    let mut trace = Trace {
+        peer: Some(peer),
+        ..Trace::default()
+    };
+    let outcome = pipeline(client, &config, &shared, &mut trace, &mut admission).await;
+    drop(admission);
+    let peer = trace.peer.unwrap_or(peer);
 
     let sni = trace
         .hello
@@ -194,37 +227,79 @@ impl Drop for ActiveGuard {
 
 async fn pipeline(
     mut client: TcpStream,
-    peer: SocketAddr,
     config: &Config,
     shared: &Shared,
     trace: &mut Trace,
+    admission: &mut Admission,
 ) -> Outcome {
     let cancel = &shared.force_close;
     let t = &config.timeouts;
+    let tcp_peer = client.peer_addr().ok().or(trace.peer);
+    let Some(mut peer) = tcp_peer else {
+        return Outcome::Rejected(Reject::ClientGone);
+    };
     let limits = splice::Limits {
         idle: t.idle,
         cancel,
     };
 
-    // 1. ClientHello, complete, within the deadline.
+    // 1. ClientHello, complete, within the deadline (a PROXY header from a load balancer in
+    //    front, if expected, comes first and counts against the same deadline).
     let mut reader = HelloReader::new();
     let hello_started = Instant::now();
-    let hello = tokio::select! {
-        r = tokio::time::timeout(t.client_hello, read_hello(&mut client, &mut reader)) => match r {
+    let deadline = tokio::time::Instant::now() + t.client_hello;
+    let mut early_hello = None;
+    if config.accept_proxy_protocol {
+        let header = tokio::select! {
+            r = tokio::time::timeout_at(deadline, read_proxy_header(&mut client)) => match r {
+                Ok(r) => r,
+                Err(_) => return reject(&mut client, Reject::HelloTimeout(t.client_hello)).await,
+            },
+            _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
+        };
+        let (source, rest) = match header {
+            Ok(h) => h,
+            Err(rej) => return reject(&mut client, rej).await,
+        };
+        if let Some(src) = source {
+            peer = src;
+        }
+        trace.peer = Some(peer);
+        match shared.gate.admit_ip(peer.ip(), &config.limits) {
+            Ok(slot) => admission.ip = Some(slot),
+            Err(refused) => return Outcome::Rejected(Reject::Limit(refused)),
+        }
+        match reader.feed(&rest) {
+            Ok(h) => early_hello = h,
+            Err(e) => return reject(&mut client, Reject::Hello(e)).await,
+        }
+    }
+    let hello = if let Some(h) = early_hello {
+        h
+    } else {
+        tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_hello(&mut client, &mut reader)) => match r {
             Ok(Ok(h)) => h,
             Ok(Err(rej)) => return reject(&mut client, rej).await,
             Err(_) => return reject(&mut client, Reject::HelloTimeout(t.client_hello)).await,
         },
         _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
+        }
     };
     metrics::histogram!(m::CLIENT_HELLO_SECONDS).record(hello_started.elapsed().as_secs_f64());
+    admission.handshake = None;
 
-    // 2. Route by name, then by the client's ALPN offers.
+    // 2. Route by name, then by the client's ALPN offers; the route's allow/deny decides
+    //    whether this client may see it at all (if not, the name "does not exist").
     let route = config.routes.route(hello.sni.as_ref()).cloned();
     let hello = trace.hello.insert(hello);
     let Some(route) = route else {
         return reject(&mut client, Reject::NoRoute).await;
     };
+    if !route.access.permits(peer.ip()) {
+        trace.route = Some(route.clone());
+        return reject(&mut client, Reject::Denied).await;
+    }
     let target: Target = route.select(&hello.alpn).clone();
     trace.route = Some(route.clone());
     trace.backend = Some(target.upstream.to_string());
@@ -235,17 +310,20 @@ async fn pipeline(
     // 3. Connect first, so an unreachable backend gets alert 80 in both modes.
     let mut backend = match &target.upstream {
         Upstream::Metrics => None,
-        Upstream::Backend(addr) => {
+        Upstream::Backends(addrs) => {
             let connect_started = Instant::now();
             tokio::select! {
-                r = backend::connect(addr, t.connect) => match r {
-                    Ok(b) => {
+                r = backend::connect_first(addrs, t.connect) => match r {
+                    Ok((b, i)) => {
                         metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "route" => route.label.to_string())
                             .record(connect_started.elapsed().as_secs_f64());
+                        if addrs.len() > 1 {
+                            trace.backend = Some(addrs[i].to_string());
+                        }
                         Some(b)
                     }
-                    Err(error) => {
-                        let backend = addr.to_string();
+                    Err((i, error)) => {
+                        let backend = addrs[i].to_string();
                         return reject(&mut client, Reject::Backend { backend, error }).await;
                     }
                 },
@@ -374,6 +452,68 @@ async fn serve_metrics<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
     let _ = s.shutdown().await;
     End::Done
+}
+
+/// Longest PROXY header accepted: v1 is at most 107 bytes; v2 with TLVs is bounded here.
+const MAX_PROXY_HEADER: usize = 1024;
+
+/// Reads a PROXY v1/v2 header. Returns the source address it names (`None` for v2 LOCAL and
+/// v1 UNKNOWN, the load balancer's own health checks) and the bytes read past it.
+async fn read_proxy_header(
+    client: &mut TcpStream,
+) -> Result<(Option<SocketAddr>, Vec<u8>), Reject> {
+    use ppp::PartialResult;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = client.read(&mut chunk).await.map_err(Reject::ClientIo)?;
+        if n == 0 {
+            return Err(Reject::ClientGone);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let parsed = ppp::HeaderResult::parse(&buf);
+        if parsed.is_incomplete() {
+            if buf.len() > MAX_PROXY_HEADER {
+                return Err(Reject::ProxyHeader("longer than 1 KiB"));
+            }
+            continue;
+        }
+        let (source, used) = match parsed {
+            ppp::HeaderResult::V1(Ok(h)) => {
+                let used = buf
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                    .map_or(buf.len(), |i| i + 2);
+                let src = match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v1::Addresses::Tcp6(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v1::Addresses::Unknown => None,
+                };
+                (src, used)
+            }
+            ppp::HeaderResult::V2(Ok(h)) => {
+                let src = match (h.command, h.addresses) {
+                    (ppp::v2::Command::Local, _) => None,
+                    (_, ppp::v2::Addresses::IPv4(a)) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    (_, ppp::v2::Addresses::IPv6(a)) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    _ => None,
+                };
+                (src, h.len())
+            }
+            ppp::HeaderResult::V1(Err(_)) | ppp::HeaderResult::V2(Err(_)) => {
+                return Err(Reject::ProxyHeader("missing or malformed"))
+            }
+        };
+        return Ok((source, buf.split_off(used.min(buf.len()))));
+    }
 }
 
 async fn read_hello(

@@ -18,6 +18,7 @@ pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod hello;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod name;

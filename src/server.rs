@@ -74,6 +74,7 @@ pub async fn run(
         forward: options.forward,
         force_close: CancellationToken::new(),
         metrics: handle.clone(),
+        gate: crate::limits::Gate::new(),
     });
     let mut server = Server {
         shared: shared.clone(),
@@ -238,6 +239,7 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut last_warn: Option<tokio::time::Instant> = None;
+    let mut last_refusal: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -246,9 +248,42 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                // The hello and the alerts are small writes that must not wait for Nagle.
-                let _ = stream.set_nodelay(true);
-                connections.spawn(conn::handle(stream, peer, shared.clone()));
+                let config = shared.config.load();
+                let admitted = shared
+                    .gate
+                    .admit(&config.limits)
+                    .and_then(|(open, handshake)| {
+                        // Behind a load balancer the real client is only known after its PROXY
+                        // header; the per-address cap is applied then.
+                        let ip = match config.accept_proxy_protocol {
+                            true => None,
+                            false => Some(shared.gate.admit_ip(peer.ip(), &config.limits)?),
+                        };
+                        Ok(conn::Admission {
+                            open,
+                            handshake: Some(handshake),
+                            ip,
+                        })
+                    });
+                match admitted {
+                    Ok(admission) => {
+                        // The hello and the alerts are small writes that must not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        connections.spawn(conn::handle(stream, peer, shared.clone(), admission));
+                    }
+                    Err(refused) => {
+                        // Closed at once: a refused client costs no task and no buffer.
+                        drop(stream);
+                        metrics::counter!(m::REJECTED_TOTAL, "reason" => refused.label())
+                            .increment(1);
+                        metrics::counter!(m::CONNECTIONS_TOTAL, "route" => m::NO_ROUTE, "outcome" => refused.label())
+                            .increment(1);
+                        if last_refusal.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                            tracing::warn!(%peer, reason = refused.label(), "refused a connection (logged at most once a second)");
+                            last_refusal = Some(tokio::time::Instant::now());
+                        }
+                    }
+                }
             }
             Err(e) if is_exhaustion(&e) => {
                 metrics::counter!(m::ACCEPT_ERRORS_TOTAL, "kind" => "exhausted").increment(1);

@@ -295,7 +295,18 @@ async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
         src.ready_for(Interest::READABLE)
             .await
             .map_err(|e| (d.src, e))?;
-        let pipe = pool.get().map_err(|e| (d.src, e))?;
+        let pipe = match pool.get() {
+            Ok(p) => p,
+            // Out of file descriptors: no pipe to be had, but the connection must live on. This
+            // chunk goes through a buffer instead; the next one tries for a pipe again.
+            Err(e) if is_fd_exhaustion(&e) => {
+                if copy_chunk(src, dst, &d).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err((d.src, e)),
+        };
         // The pipe is empty here, so EAGAIN from this splice means the socket is drained and
         // clearing the socket's read readiness is correct.
         loop {
@@ -342,6 +353,55 @@ async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
             d.counters.touch(d.start);
         }
     }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(c) if c == nix::errno::Errno::EMFILE as i32 || c == nix::errno::Errno::ENFILE as i32)
+}
+
+/// Moves one chunk src -> dst with read/write (the splice path's fallback when no pipe can be
+/// created). Returns true at src's EOF, after half-closing dst.
+async fn copy_chunk<S: SpliceSocket, D: SpliceSocket>(
+    src: &S,
+    dst: &D,
+    d: &Dir<'_>,
+) -> Result<bool, (Side, io::Error)> {
+    // On the heap, and only here: a buffer in the future itself would cost every connection.
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = loop {
+        src.ready_for(Interest::READABLE)
+            .await
+            .map_err(|e| (d.src, e))?;
+        match src.try_io_with(Interest::READABLE, || {
+            nix::unistd::read(src.as_fd(), &mut buf).map_err(io::Error::from)
+        }) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err((d.src, e)),
+        }
+    };
+    if n == 0 {
+        d.finished();
+        shutdown_write(dst.as_fd());
+        return Ok(true);
+    }
+    d.counters.add(d.up, n as u64);
+    d.counters.touch(d.start);
+    let mut off = 0;
+    while off < n {
+        dst.ready_for(Interest::WRITABLE)
+            .await
+            .map_err(|e| (d.dst, e))?;
+        match dst.try_io_with(Interest::WRITABLE, || {
+            nix::unistd::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
+        }) {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if d.peer_left(&e) => return Ok(true),
+            Err(e) => return Err((d.dst, e)),
+        }
+    }
+    Ok(false)
 }
 
 /// Moves bytes src -> dst through a user-space buffer until src's EOF, then half-closes dst.

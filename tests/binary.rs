@@ -181,9 +181,13 @@ async fn idle_connections_hold_no_pipes() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let git = Backend::start("git", Listen::Unix(dir.path().join("git.sock")), &pki).await;
+    // All test clients come from 127.0.0.1: lift the per-address cap (256 by default).
     let conf = write_config(
         dir.path(),
-        &format!("[routes]\n\"git.test\" = \"{}\"\n", git.config_addr),
+        &format!(
+            "[limits]\nmax_connections_per_ip = 1000\n[routes]\n\"git.test\" = \"{}\"\n",
+            git.config_addr
+        ),
     );
     let bin = Binary::start(&conf, 2);
     let config = pki.client_config(&[]);

@@ -65,6 +65,8 @@ impl World {
         if with_fallback {
             c += &format!("[fallback]\nbackend = \"{}\"\n", self.fallback.config_addr);
         }
+        // All test clients come from 127.0.0.1: lift the per-address cap (256 by default).
+        c += "[limits]\nmax_connections_per_ip = 10000\n";
         c += extra;
         c
     }
