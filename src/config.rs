@@ -507,7 +507,7 @@ impl<'de> Deserialize<'de> for RawRoute {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = RawRoute;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a backend string or a table with `backend`")
+                f.write_str("a backend string, a list of them, or a table with `backend`")
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawRoute, E> {
                 // No span here: `build_route` points at the enclosing Spanned<RawRoute>.
@@ -516,6 +516,24 @@ impl<'de> Deserialize<'de> for RawRoute {
                         0..0,
                         OneOrMany(vec![Spanned::new(0..0, s.to_owned())]),
                     )),
+                    proxy_protocol: None,
+                    terminate: None,
+                    alpn: BTreeMap::new(),
+                    allow: None,
+                    deny: None,
+                }))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawRoute, A::Error> {
+                // `"name" = ["unix:/a.sock", "unix:/b.sock"]`: a failover list.
+                let mut v = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<String>>()? {
+                    v.push(item);
+                }
+                Ok(RawRoute(RawRouteTable {
+                    backend: Some(Spanned::new(0..0, OneOrMany(v))),
                     proxy_protocol: None,
                     terminate: None,
                     alpn: BTreeMap::new(),

@@ -36,6 +36,7 @@ pub struct Pki {
 
 pub const LEAF_NAMES: &[&str] = &[
     "git.test",
+    "solo.test",
     "chat.test",
     "v6.test",
     "nobody.test",
