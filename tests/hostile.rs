@@ -326,7 +326,7 @@ async fn running_out_of_file_descriptors_backs_off_keeps_open_connections_and_re
     // With a 100 ms back-off a second of exhaustion costs about ten failed accepts per
     // listener; a spinning loop would have counted hundreds of thousands.
     assert!(
-        errors >= 1.0 && errors < 1000.0,
+        (1.0..1000.0).contains(&errors),
         "{errors} exhausted accepts"
     );
     drop(healthy);
