@@ -37,6 +37,7 @@ pub struct Pki {
 pub const LEAF_NAMES: &[&str] = &[
     "git.test",
     "solo.test",
+    "restart.test",
     "chat.test",
     "v6.test",
     "nobody.test",
