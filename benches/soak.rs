@@ -7,7 +7,6 @@
 //! cargo bench --bench soak -- [--minutes N | --seconds N] [--clients N]
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::*;
