@@ -22,6 +22,9 @@ struct Cli {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Worker threads (default: one per core).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     /// Less log output (-q warnings, -qq errors only).
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
     quiet: u8,
@@ -50,7 +53,7 @@ fn main() -> ExitCode {
             println!("{}", config.summary());
             ExitCode::SUCCESS
         }
-        Some(Command::Run) | None => match serve(config) {
+        Some(Command::Run) | None => match serve(config, cli.threads) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e:#}");
@@ -60,7 +63,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
     // Before any thread exists: adopting inherited fds edits the environment.
     let activated = sniplex::systemd::take_activated()?;
     let (listeners, is_activated) = match activated {
@@ -100,7 +103,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
     {
         tracing::info!(uid, gid, "dropped privileges");
     }
+    let threads = threads
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .thread_name("sniplex")
         .build()

@@ -11,6 +11,8 @@ missing=()
 for cmd in "${!pkgs[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${pkgs[$cmd]}")
 done
+# nginx's stream module (the nginx-stream peer in benches/compare.sh) is a separate package.
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=(libnginx-mod-stream)
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 echo "deps: installing ${missing[*]}" >&2

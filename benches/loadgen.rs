@@ -1,0 +1,178 @@
+//! Load generator for benches/compare.sh (a plain binary, `harness = false`):
+//!
+//!   loadgen conns   --addr IP:PORT --name SNI --ca PEM --secs S [--workers W] [--path P]
+//!       full TLS handshake (no resumption) + one small request per connection; prints
+//!       `conns=N secs=S rate=R`
+//!   loadgen latency --addr IP:PORT --base IP:PORT --name SNI --ca PEM --samples N
+//!       paired samples of connect + handshake + first response byte, `addr` then `base`,
+//!       one at a time; prints `p50_us=.. p99_us=..` of (addr - base) and both medians
+//!   loadgen idle    --addr IP:PORT --name SNI --ca PEM --count N
+//!       opens N TLS connections and keeps them idle; prints `ready N`, exits when stdin closes
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn req(args: &[String], name: &str) -> String {
+    arg(args, name).unwrap_or_else(|| panic!("missing {name}"))
+}
+
+fn client_config(ca: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("ca file") {
+        roots.add(c.expect("ca pem")).expect("ca cert");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.resumption = rustls::client::Resumption::disabled();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
+
+async fn one_request(
+    addr: SocketAddr,
+    name: &ServerName<'static>,
+    cfg: &Arc<rustls::ClientConfig>,
+    path: &str,
+) -> std::io::Result<Duration> {
+    let start = Instant::now();
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut s = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name.clone(), tcp)
+        .await?;
+    let host = match name {
+        ServerName::DnsName(d) => d.as_ref().to_owned(),
+        _ => "localhost".into(),
+    };
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = [0u8; 16384];
+    let n = s.read(&mut buf).await?;
+    let first = start.elapsed();
+    if n == 0 || !buf.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other("no 200 response"));
+    }
+    while s.read(&mut buf).await? > 0 {}
+    Ok(first)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mode = args.get(1).cloned().unwrap_or_default();
+    let addr: SocketAddr = req(&args, "--addr").parse().unwrap();
+    let name = ServerName::try_from(req(&args, "--name")).unwrap();
+    let cfg = client_config(&req(&args, "--ca"));
+    match mode.as_str() {
+        "conns" => {
+            let secs: f64 = req(&args, "--secs").parse().unwrap();
+            let workers: usize = arg(&args, "--workers").map_or(8, |w| w.parse().unwrap());
+            let path = arg(&args, "--path").unwrap_or_else(|| "/small".into());
+            let done = Arc::new(AtomicU64::new(0));
+            let failed = Arc::new(AtomicU64::new(0));
+            let start = Instant::now();
+            rt.block_on(async {
+                let deadline = start + Duration::from_secs_f64(secs);
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..workers {
+                    let (name, cfg, path, done, failed) = (
+                        name.clone(),
+                        cfg.clone(),
+                        path.clone(),
+                        done.clone(),
+                        failed.clone(),
+                    );
+                    set.spawn(async move {
+                        while Instant::now() < deadline {
+                            match one_request(addr, &name, &cfg, &path).await {
+                                Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                            };
+                        }
+                    });
+                }
+                while set.join_next().await.is_some() {}
+            });
+            let el = start.elapsed().as_secs_f64();
+            let n = done.load(Ordering::Relaxed);
+            println!(
+                "conns={n} failed={} secs={el:.3} rate={:.1}",
+                failed.load(Ordering::Relaxed),
+                n as f64 / el
+            );
+        }
+        "latency" => {
+            let base: SocketAddr = req(&args, "--base").parse().unwrap();
+            let samples: usize = req(&args, "--samples").parse().unwrap();
+            let (mut diffs, mut a_all, mut b_all) = (Vec::new(), Vec::new(), Vec::new());
+            rt.block_on(async {
+                for _ in 0..samples {
+                    let a = one_request(addr, &name, &cfg, "/small")
+                        .await
+                        .expect("proxy request");
+                    let b = one_request(base, &name, &cfg, "/small")
+                        .await
+                        .expect("direct request");
+                    diffs.push(a.as_secs_f64() * 1e6 - b.as_secs_f64() * 1e6);
+                    a_all.push(a.as_secs_f64() * 1e6);
+                    b_all.push(b.as_secs_f64() * 1e6);
+                }
+            });
+            let pct = |v: &mut Vec<f64>, p: f64| {
+                v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+                v[((v.len() - 1) as f64 * p).round() as usize]
+            };
+            println!(
+                "p50_us={:.1} p99_us={:.1} proxy_p50_us={:.1} direct_p50_us={:.1}",
+                pct(&mut diffs, 0.5),
+                pct(&mut diffs, 0.99),
+                pct(&mut a_all, 0.5),
+                pct(&mut b_all, 0.5)
+            );
+        }
+        "idle" => {
+            let count: usize = req(&args, "--count").parse().unwrap();
+            rt.block_on(async {
+                let mut held = Vec::with_capacity(count);
+                for i in 0..count {
+                    let tcp = TcpStream::connect(addr)
+                        .await
+                        .unwrap_or_else(|e| panic!("connect {i}: {e}"));
+                    let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                        .connect(name.clone(), tcp)
+                        .await
+                        .unwrap_or_else(|e| panic!("handshake {i}: {e}"));
+                    held.push(s);
+                }
+                println!("ready {}", held.len());
+                let mut sink = Vec::new();
+                let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+                drop(held);
+            });
+        }
+        other => panic!("unknown mode {other:?}"),
+    }
+}
