@@ -234,8 +234,8 @@ async fn pipeline(
 ) -> Outcome {
     let cancel = &shared.force_close;
     let t = &config.timeouts;
-    let tcp_peer = client.peer_addr().ok().or(trace.peer);
-    let Some(mut peer) = tcp_peer else {
+    // The accept-time peer; replaced by the PROXY header's source on such a listener.
+    let Some(mut peer) = trace.peer else {
         return Outcome::Rejected(Reject::ClientGone);
     };
     let limits = splice::Limits {
@@ -244,47 +244,24 @@ async fn pipeline(
     };
 
     // 1. ClientHello, complete, within the deadline (a PROXY header from a load balancer in
-    //    front, if expected, comes first and counts against the same deadline).
+    //    front, if expected, comes first and counts against the same deadline). Boxed, like
+    //    every phase but forwarding: a task is sized by its largest state, and only the
+    //    forwarding state lives long.
     let mut reader = HelloReader::new();
     let hello_started = Instant::now();
-    let deadline = tokio::time::Instant::now() + t.client_hello;
-    let mut early_hello = None;
-    if config.accept_proxy_protocol {
-        let header = tokio::select! {
-            r = tokio::time::timeout_at(deadline, read_proxy_header(&mut client)) => match r {
-                Ok(r) => r,
-                Err(_) => return reject(&mut client, Reject::HelloTimeout(t.client_hello)).await,
-            },
-            _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
-        };
-        let (source, rest) = match header {
-            Ok(h) => h,
-            Err(rej) => return reject(&mut client, rej).await,
-        };
-        if let Some(src) = source {
-            peer = src;
-        }
-        trace.peer = Some(peer);
-        match shared.gate.admit_ip(peer.ip(), &config.limits) {
-            Ok(slot) => admission.ip = Some(slot),
-            Err(refused) => return Outcome::Rejected(Reject::Limit(refused)),
-        }
-        match reader.feed(&rest) {
-            Ok(h) => early_hello = h,
-            Err(e) => return reject(&mut client, Reject::Hello(e)).await,
-        }
-    }
-    let hello = if let Some(h) = early_hello {
-        h
-    } else {
-        tokio::select! {
-        r = tokio::time::timeout_at(deadline, read_hello(&mut client, &mut reader)) => match r {
-            Ok(Ok(h)) => h,
-            Ok(Err(rej)) => return reject(&mut client, rej).await,
-            Err(_) => return reject(&mut client, Reject::HelloTimeout(t.client_hello)).await,
-        },
-        _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
-        }
+    let hello = match Box::pin(hello_phase(
+        &mut client,
+        &mut reader,
+        &mut peer,
+        config,
+        shared,
+        trace,
+        admission,
+    ))
+    .await
+    {
+        Ok(h) => h,
+        Err(outcome) => return outcome,
     };
     metrics::histogram!(m::CLIENT_HELLO_SECONDS).record(hello_started.elapsed().as_secs_f64());
     admission.handshake = None;
@@ -313,7 +290,7 @@ async fn pipeline(
         Upstream::Backends(addrs) => {
             let connect_started = Instant::now();
             tokio::select! {
-                r = backend::connect_first(addrs, t.connect) => match r {
+                r = Box::pin(backend::connect_first(addrs, t.connect)) => match r {
                     Ok((b, i)) => {
                         metrics::histogram!(m::BACKEND_CONNECT_SECONDS, "route" => route.label.to_string())
                             .record(connect_started.elapsed().as_secs_f64());
@@ -331,48 +308,26 @@ async fn pipeline(
             }
         }
     };
-    let local = client.local_addr().unwrap_or(peer);
+    // Only a PROXY header needs our own address: no getsockname otherwise.
+    let local = match target.proxy_protocol {
+        Some(_) => client.local_addr().unwrap_or(peer),
+        None => peer,
+    };
     let sni = hello.sni.as_ref().map(|n| n.as_str().to_owned());
 
-    // 4a. Terminated: finish the handshake here, then copy plaintext.
+    // 4a. Terminated: finish the handshake here, then copy plaintext. Boxed: its state (a
+    //     whole TLS session) must not size the task of every passthrough connection.
     if let Some(term) = &target.terminate {
-        let (hello_records, after) = reader.buffered().split_at(reader.consumed());
-        let handshake = crate::tls::accept(client, hello_records, after, term.tls.clone());
-        let mut tls = tokio::select! {
-            r = tokio::time::timeout(t.client_hello, handshake) => match r {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Outcome::Rejected(Reject::Handshake(e)),
-                Err(_) => return Outcome::Rejected(Reject::HandshakeTimeout(t.client_hello)),
-            },
-            _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
+        let ctx = Terminated {
+            term,
+            target: &target,
+            peer,
+            local,
+            sni: sni.as_deref(),
+            limits,
+            counters,
         };
-        drop(reader);
-        let Some(mut backend) = backend else {
-            return Outcome::Forwarded(serve_metrics(&mut tls, shared, t.client_hello).await);
-        };
-        if let Some(version) = target.proxy_protocol {
-            let conn = tls.get_ref().1;
-            let extra = proxy_protocol::Extra {
-                authority: sni.as_deref(),
-                alpn: conn.alpn_protocol(),
-                ssl: Some(crate::tls::session_info(conn)),
-            };
-            let header = proxy_protocol::header(version, peer, local, &extra);
-            if let Err(e) = tokio::time::timeout(t.connect, backend.write_all(&header))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "backend did not take the PROXY header",
-                    ))
-                })
-            {
-                return Outcome::Forwarded(End::Error(splice::Side::Backend, e));
-            }
-        }
-        return Outcome::Forwarded(
-            splice::forward_copy(&mut tls, &mut backend, limits, counters).await,
-        );
+        return Box::pin(terminated(client, reader, backend, ctx, shared, t)).await;
     }
 
     // 4b. Passthrough: PROXY header and the hello exactly as received, in one write.
@@ -405,16 +360,72 @@ async fn pipeline(
     }
     // The PROXY header is ours, not the client's: only the client's bytes are counted.
     counters.add_up(hello_len as u64);
-    let end = splice::forward(
+    let end = Box::pin(splice::forward(
         &mut client,
         &mut backend,
         shared.forward,
         &shared.pipes,
         limits,
         counters,
-    )
+    ))
     .await;
     Outcome::Forwarded(end)
+}
+
+/// What the terminated path needs from the pipeline.
+struct Terminated<'a> {
+    term: &'a crate::config::Terminate,
+    target: &'a Target,
+    peer: SocketAddr,
+    local: SocketAddr,
+    sni: Option<&'a str>,
+    limits: splice::Limits<'a>,
+    counters: &'a Counters,
+}
+
+async fn terminated(
+    client: TcpStream,
+    reader: HelloReader,
+    backend: Option<backend::BackendStream>,
+    c: Terminated<'_>,
+    shared: &Shared,
+    t: &crate::config::Timeouts,
+) -> Outcome {
+    let cancel = &shared.force_close;
+    let (hello_records, after) = reader.buffered().split_at(reader.consumed());
+    let handshake = crate::tls::accept(client, hello_records, after, c.term.tls.clone());
+    let mut tls = tokio::select! {
+        r = tokio::time::timeout(t.client_hello, handshake) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Outcome::Rejected(Reject::Handshake(e)),
+            Err(_) => return Outcome::Rejected(Reject::HandshakeTimeout(t.client_hello)),
+        },
+        _ = cancel.cancelled() => return Outcome::Rejected(Reject::Shutdown),
+    };
+    drop(reader);
+    let Some(mut backend) = backend else {
+        return Outcome::Forwarded(serve_metrics(&mut tls, shared, t.client_hello).await);
+    };
+    if let Some(version) = c.target.proxy_protocol {
+        let conn = tls.get_ref().1;
+        let extra = proxy_protocol::Extra {
+            authority: c.sni,
+            alpn: conn.alpn_protocol(),
+            ssl: Some(crate::tls::session_info(conn)),
+        };
+        let header = proxy_protocol::header(version, c.peer, c.local, &extra);
+        let written = tokio::time::timeout(t.connect, backend.write_all(&header)).await;
+        let written = written.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "backend did not take the PROXY header",
+            ))
+        });
+        if let Err(e) = written {
+            return Outcome::Forwarded(End::Error(splice::Side::Backend, e));
+        }
+    }
+    Outcome::Forwarded(splice::forward_copy(&mut tls, &mut backend, c.limits, c.counters).await)
 }
 
 /// Answers one HTTP request for `/metrics` on a terminated connection.
@@ -452,6 +463,55 @@ async fn serve_metrics<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
     let _ = s.shutdown().await;
     End::Done
+}
+
+/// Reads the PROXY header (if the listener expects one) and the whole ClientHello.
+async fn hello_phase(
+    client: &mut TcpStream,
+    reader: &mut HelloReader,
+    peer: &mut SocketAddr,
+    config: &Config,
+    shared: &Shared,
+    trace: &mut Trace,
+    admission: &mut Admission,
+) -> Result<ClientHello, Outcome> {
+    let cancel = &shared.force_close;
+    let t = &config.timeouts;
+    let deadline = tokio::time::Instant::now() + t.client_hello;
+    if config.accept_proxy_protocol {
+        let header = tokio::select! {
+            r = tokio::time::timeout_at(deadline, read_proxy_header(client)) => match r {
+                Ok(r) => r,
+                Err(_) => return Err(reject(client, Reject::HelloTimeout(t.client_hello)).await),
+            },
+            _ = cancel.cancelled() => return Err(Outcome::Rejected(Reject::Shutdown)),
+        };
+        let (source, rest) = match header {
+            Ok(h) => h,
+            Err(rej) => return Err(reject(client, rej).await),
+        };
+        if let Some(src) = source {
+            *peer = src;
+        }
+        trace.peer = Some(*peer);
+        match shared.gate.admit_ip(peer.ip(), &config.limits) {
+            Ok(slot) => admission.ip = Some(slot),
+            Err(refused) => return Err(Outcome::Rejected(Reject::Limit(refused))),
+        }
+        match reader.feed(&rest) {
+            Ok(Some(h)) => return Ok(h),
+            Ok(None) => {}
+            Err(e) => return Err(reject(client, Reject::Hello(e)).await),
+        }
+    }
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_hello(client, reader)) => match r {
+            Ok(Ok(h)) => Ok(h),
+            Ok(Err(rej)) => Err(reject(client, rej).await),
+            Err(_) => Err(reject(client, Reject::HelloTimeout(t.client_hello)).await),
+        },
+        _ = cancel.cancelled() => Err(Outcome::Rejected(Reject::Shutdown)),
+    }
 }
 
 /// Longest PROXY header accepted: v1 is at most 107 bytes; v2 with TLVs is bounded here.
@@ -520,9 +580,15 @@ async fn read_hello(
     client: &mut TcpStream,
     reader: &mut HelloReader,
 ) -> Result<ClientHello, Reject> {
-    let mut buf = [0u8; HELLO_READ];
+    // On the heap: an array here would live in every connection's task for its whole life.
+    let mut buf = vec![0u8; HELLO_READ];
     loop {
-        let n = client.read(&mut buf).await.map_err(Reject::ClientIo)?;
+        client.readable().await.map_err(Reject::ClientIo)?;
+        let n = match splice::read_draining(&*client, &mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Reject::ClientIo(e)),
+        };
         if n == 0 {
             return Err(Reject::ClientGone);
         }
@@ -533,17 +599,23 @@ async fn read_hello(
 }
 
 /// Sends the alert that fits `why` (if any), closes gracefully, and returns the outcome.
-async fn reject(client: &mut TcpStream, why: Reject) -> Outcome {
-    if let Some(alert) = why.alert() {
-        let _ = tokio::time::timeout(ALERT_LINGER, async {
-            client.write_all(&alert.record()).await?;
-            client.shutdown().await?;
-            // Drain until the client closes so our close does not turn into a RST.
-            let mut sink = [0u8; 1024];
-            while client.read(&mut sink).await? > 0 {}
-            Ok::<_, std::io::Error>(())
-        })
-        .await;
-    }
-    Outcome::Rejected(why)
+fn reject(
+    client: &mut TcpStream,
+    why: Reject,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + '_>> {
+    // Boxed: see `hello_phase`.
+    Box::pin(async move {
+        if let Some(alert) = why.alert() {
+            let _ = tokio::time::timeout(ALERT_LINGER, async {
+                client.write_all(&alert.record()).await?;
+                client.shutdown().await?;
+                // Drain until the client closes so our close does not turn into a RST.
+                let mut sink = vec![0u8; 1024];
+                while client.read(&mut sink).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+        }
+        Outcome::Rejected(why)
+    })
 }
