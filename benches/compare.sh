@@ -246,11 +246,38 @@ measure_latency() {  # target (paired with direct)
     add added_p50_us "$t" "$(echo "$out" | sed -n 's/^p50_us=\([-0-9.]*\) .*/\1/p')"
     add added_p99_us "$t" "$(echo "$out" | sed -n 's/.*p99_us=\([-0-9.]*\) .*/\1/p')"
 }
+# A fresh instance of a proxy on a new port, so its RSS growth is not hidden by memory an earlier
+# figure already made it allocate. Prints "measured_pid kill_pid port".
+fresh() {
+    local t=$1 port pid
+    port=$(free_port)
+    case $t in
+        sniplex)
+            sed "s/127.0.0.1:$sn_port/127.0.0.1:$port/" "$tmp/sniplex.toml" > "$tmp/fresh.toml"
+            "$sniplex_bin" run -q --threads 1 -c "$tmp/fresh.toml" > /dev/null 2>&1 &
+            echo "$! $! $port" ;;
+        haproxy)
+            sed "s/127.0.0.1:$ha_port/127.0.0.1:$port/" "$tmp/haproxy.cfg" > "$tmp/fresh.cfg"
+            haproxy -db -f "$tmp/fresh.cfg" > /dev/null 2>&1 &
+            echo "$! $! $port" ;;
+        nginx)
+            mkdir -p "$tmp/fresh"
+            sed -e "s/127.0.0.1:$ng_port;/127.0.0.1:$port;/" -e "s/127.0.0.1:$ngt_port ssl/127.0.0.1:$(free_port) ssl/" \
+                -e "s|pid $tmp/stream.pid|pid $tmp/fresh.pid|" "$tmp/stream.conf" > "$tmp/fresh.conf"
+            nginx -p "$tmp/fresh" -c "$tmp/fresh.conf" > /dev/null 2>&1 &
+            pid=$!
+            wait_port "$port"
+            echo "$(pgrep -P "$pid" | head -n1) $pid $port" ;;
+    esac
+}
+
 measure_idle() {  # target
-    local t=$1 pid r0 r1 fifo
-    pid=$(pid_of "$t"); r0=$(rss_kib "$pid")
+    local t=$1 pid kill_pid port r0 r1 fifo
+    read -r pid kill_pid port < <(fresh "$t")
+    wait_port "$port"
+    r0=$(rss_kib "$pid")
     fifo=$tmp/idle.fifo; rm -f "$fifo"; mkfifo "$fifo"
-    "$loadgen" idle --addr "127.0.0.1:$(addr_of "$t")" --name bench.test --ca "$tmp/ca.pem" --count "$idle" < "$fifo" > "$tmp/idle.out" &
+    "$loadgen" idle --addr "127.0.0.1:$port" --name bench.test --ca "$tmp/ca.pem" --count "$idle" < "$fifo" > "$tmp/idle.out" &
     local lg=$!
     exec 7>"$fifo"
     for _ in $(seq 1 1200); do grep -q ready "$tmp/idle.out" 2>/dev/null && break; sleep 0.1; done
@@ -258,6 +285,9 @@ measure_idle() {  # target
     r1=$(rss_kib "$pid")
     exec 7>&-
     wait "$lg" || true
+    kill "$kill_pid" 2>/dev/null || true
+    wait "$kill_pid" 2>/dev/null || true
+    rm -f "$tmp/idle.out"
     add kib_per_idle_conn "$t" "$(awk -v a="$r0" -v b="$r1" -v n="$idle" 'BEGIN { printf "%.2f", (b - a) / n }')"
 }
 

@@ -8,6 +8,10 @@
 //!       one at a time; prints `p50_us=.. p99_us=..` of (addr - base) and both medians
 //!   loadgen idle    --addr IP:PORT --name SNI --ca PEM --count N
 //!       opens N TLS connections and keeps them idle; prints `ready N`, exits when stdin closes
+//!   loadgen silent  --addr IP:PORT --name SNI --ca PEM --count N [--trickle]
+//!       opens N TCP connections that never send a whole ClientHello (slowloris), while one
+//!       legitimate TLS client keeps making requests; waits until the router has closed every
+//!       silent one; prints `opened N closed N legit_ok K legit_failed F secs S`
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -171,6 +175,59 @@ fn main() {
                 let mut sink = Vec::new();
                 let _ = tokio::io::stdin().read_to_end(&mut sink).await;
                 drop(held);
+            });
+        }
+        "silent" => {
+            let count: usize = req(&args, "--count").parse().unwrap();
+            let trickle = args.iter().any(|a| a == "--trickle");
+            rt.block_on(async {
+                let start = Instant::now();
+                let mut silent = Vec::with_capacity(count);
+                for i in 0..count {
+                    let mut s = TcpStream::connect(addr)
+                        .await
+                        .unwrap_or_else(|e| panic!("connect {i}: {e}"));
+                    if trickle && i % 2 == 0 {
+                        // The first bytes of a record, then nothing.
+                        s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+                    }
+                    silent.push(s);
+                }
+                println!("opened {count} in {:.1}s", start.elapsed().as_secs_f64());
+                let closed = Arc::new(AtomicU64::new(0));
+                let mut waits = tokio::task::JoinSet::new();
+                for mut s in silent {
+                    let closed = closed.clone();
+                    waits.spawn(async move {
+                        let mut b = [0u8; 16];
+                        if matches!(s.read(&mut b).await, Ok(0) | Err(_)) {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+                let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+                let legit = {
+                    let (ok, failed, name, cfg) =
+                        (ok.clone(), failed.clone(), name.clone(), cfg.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            match one_request(addr, &name, &cfg, "/small").await {
+                                Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                            };
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    })
+                };
+                while waits.join_next().await.is_some() {}
+                legit.abort();
+                println!(
+                    "opened {count} closed {} legit_ok {} legit_failed {} secs {:.1}",
+                    closed.load(Ordering::Relaxed),
+                    ok.load(Ordering::Relaxed),
+                    failed.load(Ordering::Relaxed),
+                    start.elapsed().as_secs_f64()
+                );
             });
         }
         other => panic!("unknown mode {other:?}"),

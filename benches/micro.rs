@@ -32,6 +32,14 @@ mod hello {
         b.bench(|| read_client_hello(black_box(&h)).unwrap().unwrap());
     }
 
+    /// Baseline: tls-parser alone on the same bytes (one record, no reassembly, no SNI
+    /// normalisation): what the reader costs on top of the library it builds on.
+    #[divan::bench]
+    fn baseline_tls_parser_only_517_bytes(b: divan::Bencher) {
+        let h = fixture("curl.bin");
+        b.bench(|| tls_parser::parse_tls_plaintext(black_box(&h)).unwrap());
+    }
+
     #[divan::bench]
     fn post_quantum_chrome_like(b: divan::Bencher) {
         let h = fixture("chrome-like-pq.bin");
@@ -90,6 +98,16 @@ mod route {
         let t = table(n);
         let name = ServerName::parse(format!("svc{}.example.org", n / 2).as_bytes()).unwrap();
         b.bench(|| t.lookup_name(black_box(&name)).unwrap());
+    }
+
+    /// Baseline: one lookup in a plain `HashMap<String, u32>` of the same size.
+    #[divan::bench(args = SIZES)]
+    fn baseline_hashmap(b: divan::Bencher, n: usize) {
+        let m: std::collections::HashMap<String, u32> = (0..n)
+            .map(|i| (format!("svc{i}.example.org"), i as u32))
+            .collect();
+        let key = format!("svc{}.example.org", n / 2);
+        b.bench(|| *m.get(black_box(key.as_str())).unwrap());
     }
 
     #[divan::bench(args = SIZES)]

@@ -548,3 +548,82 @@ async fn metrics_served_on_a_terminated_route_of_the_tls_port() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(body.contains("sniplex_build_info"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_ecdsa_and_ed25519_chains_over_tls_1_2_and_1_3() {
+    for (label, alg) in [
+        ("rsa", &rcgen::PKCS_RSA_SHA256),
+        ("ecdsa-p256", &rcgen::PKCS_ECDSA_P256_SHA256),
+        ("ecdsa-p384", &rcgen::PKCS_ECDSA_P384_SHA384),
+        ("ed25519", &rcgen::PKCS_ED25519),
+    ] {
+        let pki = Pki::with_alg(alg);
+        let dir = tempfile::tempdir().unwrap();
+        pki.write_to(dir.path());
+        let blog = Backend::start_kind(
+            "blog",
+            Listen::Unix(dir.path().join("b.sock")),
+            &pki,
+            Speaks::Http,
+            false,
+        )
+        .await;
+        let r = Router::start(&format!(
+            "[routes.\"blog.test\"]\nbackend = \"{}\"\nterminate = {{ cert = \"{d}/cert.pem\", key = \"{d}/key.pem\" }}\n",
+            blog.config_addr,
+            d = dir.path().display()
+        ))
+        .await;
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let mut s = tls_connect(r.addr, "blog.test", pki.client_config_version(version))
+                .await
+                .unwrap_or_else(|e| panic!("{label} {version:?}: {e}"));
+            assert_eq!(
+                s.get_ref().1.protocol_version(),
+                Some(version.version),
+                "{label}"
+            );
+            s.write_all(b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"HTTP/1.1 200", "{label} {version:?}");
+        }
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_re_read_on_reload() {
+    let (old, new) = (Pki::new(), Pki::new());
+    let dir = tempfile::tempdir().unwrap();
+    old.write_to(dir.path());
+    let blog = Backend::start_kind(
+        "blog",
+        Listen::Unix(dir.path().join("b.sock")),
+        &old,
+        Speaks::Http,
+        false,
+    )
+    .await;
+    let conf = dir.path().join("sniplex.toml");
+    std::fs::write(
+        &conf,
+        format!("[routes.\"blog.test\"]\nbackend = \"{}\"\nterminate = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n", blog.config_addr),
+    )
+    .unwrap();
+    let r = Router::start_file(&conf).await;
+    assert!(https_get(r.addr, "blog.test", &old, &[]).await.is_ok());
+    // New files on disk: served only after the reload.
+    new.write_to(dir.path());
+    assert!(https_get(r.addr, "blog.test", &new, &[]).await.is_err());
+    r.reload().await.unwrap();
+    assert!(https_get(r.addr, "blog.test", &new, &[]).await.is_ok());
+    assert!(https_get(r.addr, "blog.test", &old, &[]).await.is_err());
+    // A broken key on disk: the reload fails and the running certificate stays.
+    std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
+    assert!(r.reload().await.unwrap_err().contains("key.pem"));
+    assert!(https_get(r.addr, "blog.test", &new, &[]).await.is_ok());
+    r.stop().await;
+}

@@ -55,19 +55,24 @@ pub const LEAF_NAMES: &[&str] = &[
 
 impl Pki {
     pub fn new() -> Pki {
+        Self::with_alg(&rcgen::PKCS_ECDSA_P256_SHA256)
+    }
+
+    /// A CA and leaf whose keys use `alg` (RSA, ECDSA, Ed25519).
+    pub fn with_alg(alg: &'static rcgen::SignatureAlgorithm) -> Pki {
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         ca_params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "sniplex test CA");
-        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_key = rcgen::KeyPair::generate_for(alg).unwrap();
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let leaf_params = rcgen::CertificateParams::new(
             LEAF_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         )
         .unwrap();
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_key = rcgen::KeyPair::generate_for(alg).unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
         Pki {
             ca_pem: ca_cert.pem(),
@@ -105,11 +110,31 @@ impl Pki {
         Arc::new(c)
     }
 
-    /// Writes ca.pem, cert.pem and key.pem into `dir`.
+    /// Writes ca.pem, cert.pem (leaf then CA: a full chain) and key.pem into `dir`.
     pub fn write_to(&self, dir: &Path) {
         std::fs::write(dir.join("ca.pem"), &self.ca_pem).unwrap();
-        std::fs::write(dir.join("cert.pem"), &self.leaf_pem).unwrap();
+        std::fs::write(
+            dir.join("cert.pem"),
+            format!("{}{}", self.leaf_pem, self.ca_pem),
+        )
+        .unwrap();
         std::fs::write(dir.join("key.pem"), &self.key_pem).unwrap();
+    }
+
+    /// A client config limited to one TLS version.
+    pub fn client_config_version(
+        &self,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let mut c = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        c.resumption = rustls::client::Resumption::disabled();
+        Arc::new(c)
     }
 }
 
