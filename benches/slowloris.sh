@@ -17,8 +17,13 @@ tmp=$(mktemp -d /tmp/sniplex-slowloris.XXXXXX); chmod 755 "$tmp"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench.test" \
-    -addext "subjectAltName=DNS:bench.test" -keyout "$tmp/key.pem" -out "$tmp/ca.pem" 2>/dev/null
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=slowloris CA" \
+    -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.test" \
+    -keyout "$tmp/key.pem" -out "$tmp/req.pem" 2>/dev/null
+printf 'subjectAltName=DNS:bench.test\n' > "$tmp/ext.cnf"
+openssl x509 -req -in "$tmp/req.pem" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial -days 2 \
+    -extfile "$tmp/ext.cnf" -out "$tmp/cert.pem" 2>/dev/null
 user_line=""; [ "$(id -u)" = 0 ] && user_line="user root;"
 mkdir -p "$tmp/t"
 {
@@ -26,7 +31,7 @@ mkdir -p "$tmp/t"
     echo "worker_processes 1; daemon off; pid $tmp/nginx.pid; error_log $tmp/nginx.log warn;"
     echo "events { worker_connections 1024; }"
     echo "http { access_log off; client_body_temp_path $tmp/t/b; proxy_temp_path $tmp/t/p; fastcgi_temp_path $tmp/t/f; uwsgi_temp_path $tmp/t/u; scgi_temp_path $tmp/t/s;"
-    echo "  server { listen unix:$tmp/be.sock ssl; ssl_certificate $tmp/ca.pem; ssl_certificate_key $tmp/key.pem; location / { return 200 \"ok\\n\"; } } }"
+    echo "  server { listen unix:$tmp/be.sock ssl; ssl_certificate $tmp/cert.pem; ssl_certificate_key $tmp/key.pem; location / { return 200 \"ok\\n\"; } } }"
 } > "$tmp/nginx.conf"
 nginx -p "$tmp" -c "$tmp/nginx.conf" & pids+=($!)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

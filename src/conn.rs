@@ -277,7 +277,7 @@ async fn pipeline(
         trace.route = Some(route.clone());
         return reject(&mut client, Reject::Denied).await;
     }
-    let target: Target = route.select(&hello.alpn).clone();
+    let target: &Target = route.select(&hello.alpn);
     trace.route = Some(route.clone());
     trace.backend = Some(target.upstream.to_string());
     let _active = ActiveGuard::new(&route.label);
@@ -320,7 +320,7 @@ async fn pipeline(
     if let Some(term) = &target.terminate {
         let ctx = Terminated {
             term,
-            target: &target,
+            target,
             peer,
             local,
             sni: sni.as_deref(),
@@ -580,10 +580,11 @@ async fn read_hello(
     client: &mut TcpStream,
     reader: &mut HelloReader,
 ) -> Result<ClientHello, Reject> {
-    // On the heap: an array here would live in every connection's task for its whole life.
-    let mut buf = vec![0u8; HELLO_READ];
     loop {
         client.readable().await.map_err(Reject::ClientIo)?;
+        // Allocated only once bytes are waiting, and on the heap: a silent client (slowloris)
+        // then holds no buffer at all, and the task stays small.
+        let mut buf = vec![0u8; HELLO_READ];
         let n = match splice::read_draining(&*client, &mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
