@@ -54,13 +54,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 user_line=""; [ "$(id -u)" = 0 ] && user_line="user root;"
 
 # --- certificates ---
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-    -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.test" \
-    -keyout "$tmp/key.pem" -out "$tmp/req.pem" 2>/dev/null
-printf 'subjectAltName=DNS:bench.test,DNS:term.test\n' > "$tmp/ext.cnf"
-openssl x509 -req -in "$tmp/req.pem" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial -days 2 \
-    -extfile "$tmp/ext.cnf" -out "$tmp/cert.pem" 2>/dev/null
+bash "$here/tests/make-certs.sh" "$tmp" bench.test term.test
 mkdir -p "$tmp/www"
 # Sparse: reading it costs no disk I/O, so the figures are about the proxies.
 truncate -s "${bulk_mib}M" "$tmp/www/big"

@@ -17,13 +17,7 @@ tmp=$(mktemp -d /tmp/sniplex-slowloris.XXXXXX); chmod 755 "$tmp"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=slowloris CA" \
-    -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.test" \
-    -keyout "$tmp/key.pem" -out "$tmp/req.pem" 2>/dev/null
-printf 'subjectAltName=DNS:bench.test\n' > "$tmp/ext.cnf"
-openssl x509 -req -in "$tmp/req.pem" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial -days 2 \
-    -extfile "$tmp/ext.cnf" -out "$tmp/cert.pem" 2>/dev/null
+bash "$here/tests/make-certs.sh" "$tmp" bench.test
 user_line=""; [ "$(id -u)" = 0 ] && user_line="user root;"
 mkdir -p "$tmp/t"
 {

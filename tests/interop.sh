@@ -25,13 +25,7 @@ passed=0
 ok() { echo "interop: ok: $*"; passed=$((passed + 1)); }
 
 # --- a CA and a certificate for the demo names ---
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=sniplex interop CA" \
-    -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=demo.localhost" \
-    -keyout "$tmp/key.pem" -out "$tmp/req.pem" 2>/dev/null
-printf 'subjectAltName=DNS:demo.localhost,DNS:*.lab.localhost,DNS:pp.localhost,DNS:pp1.localhost,DNS:blog.localhost\n' > "$tmp/ext.cnf"
-openssl x509 -req -in "$tmp/req.pem" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" -CAcreateserial -days 2 \
-    -extfile "$tmp/ext.cnf" -out "$tmp/cert.pem" 2>/dev/null
+bash "$here/tests/make-certs.sh" "$tmp" demo.localhost "*.lab.localhost" pp.localhost pp1.localhost blog.localhost
 
 # --- nginx: TLS on a Unix socket, no host port ---
 user_line=""
