@@ -291,7 +291,11 @@ echo "workload: rounds=$rounds bulk=${bulk_mib}MiB conn_secs=$conn_secs idle=$id
 
 round=0
 while [ "$round" -lt "$rounds" ]; do
-    if ! quiet_machine; then echo "round refused: the machine stayed busy" >&2; exit 1; fi
+    if ! quiet_machine; then
+        # A smoke run only checks that the script works; its figures mean nothing anyway.
+        [ "$smoke" = 1 ] || { echo "round refused: the machine stayed busy" >&2; exit 1; }
+        echo "  (smoke run: going on although the machine is busy)" >&2
+    fi
     round=$((round + 1))
     # Rotate the order each round so no proxy always goes first.
     order=$(echo $targets sniplex2 | tr ' ' '\n' | awk -v r="$round" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
