@@ -76,6 +76,18 @@ fn world() -> World {
 }
 
 impl World {
+    /// A plain-HTTP backend on a Unix socket in the world's directory.
+    async fn http_backend(&self, id: &str, socket: &str) -> Backend {
+        Backend::start_kind(
+            id,
+            Listen::Unix(self.dir.path().join(socket)),
+            &self.pki,
+            Speaks::Http,
+            false,
+        )
+        .await
+    }
+
     fn path(&self, f: &str) -> String {
         self.dir.path().join(f).display().to_string()
     }
@@ -92,22 +104,8 @@ impl World {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_route_reaches_plain_http_backend_and_passthrough_keeps_working() {
     let w = world();
-    let blog = Backend::start_kind(
-        "blog",
-        Listen::Unix(w.dir.path().join("blog.sock")),
-        &w.pki,
-        Speaks::Http,
-        false,
-    )
-    .await;
-    let lab = Backend::start_kind(
-        "lab",
-        Listen::Unix(w.dir.path().join("lab.sock")),
-        &w.pki,
-        Speaks::Http,
-        false,
-    )
-    .await;
+    let blog = w.http_backend("blog", "blog.sock").await;
+    let lab = w.http_backend("lab", "lab.sock").await;
     let git = Backend::start("git", Listen::Unix(w.dir.path().join("git.sock")), &w.pki).await;
     let r = Router::start(&format!(
         "[routes]\n\"git.test\" = \"{}\"\n\
@@ -136,14 +134,7 @@ async fn terminated_route_reaches_plain_http_backend_and_passthrough_keeps_worki
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_alpn_is_negotiated_as_configured() {
     let w = world();
-    let blog = Backend::start_kind(
-        "blog",
-        Listen::Unix(w.dir.path().join("blog.sock")),
-        &w.pki,
-        Speaks::Http,
-        false,
-    )
-    .await;
+    let blog = w.http_backend("blog", "blog.sock").await;
     let r = Router::start(&format!(
         "[routes.\"blog.test\"]\nbackend = \"{b}\"\nterminate = {}\n\
          [routes.\"x.test\"]\nbackend = \"{b}\"\nterminate = {}\n",
@@ -179,14 +170,7 @@ async fn terminated_alpn_is_negotiated_as_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_aborting_mid_handshake_leaves_router_serving() {
     let w = world();
-    let blog = Backend::start_kind(
-        "blog",
-        Listen::Unix(w.dir.path().join("blog.sock")),
-        &w.pki,
-        Speaks::Http,
-        false,
-    )
-    .await;
+    let blog = w.http_backend("blog", "blog.sock").await;
     let r = Router::start(&format!(
         "[routes.\"blog.test\"]\nbackend = \"{}\"\nterminate = {}\n",
         blog.config_addr,
