@@ -425,7 +425,9 @@ async fn terminated(
             return Outcome::Forwarded(End::Error(splice::Side::Backend, e));
         }
     }
-    Outcome::Forwarded(splice::forward_copy(&mut tls, &mut backend, c.limits, c.counters).await)
+    let end =
+        splice::forward_terminated(&mut tls, &backend, &shared.pipes, c.limits, c.counters).await;
+    Outcome::Forwarded(end)
 }
 
 /// Answers one HTTP request for `/metrics` on a terminated connection.

@@ -30,6 +30,8 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 pub const PIPE_POOL_MAX: usize = 64;
 /// Buffer per direction on the copy path.
 pub const COPY_BUF: usize = 64 * 1024;
+/// Most plaintext one TLS record carries (RFC 8446 section 5.1).
+const TLS_RECORD_PLAINTEXT: usize = 16 * 1024;
 /// Size of the pooled buffers the socket copy path borrows while bytes are in flight (a Unix
 /// socket delivers at most its peer's send buffer, ~208 KiB by default, per read).
 pub const POOLED_BUF: usize = 128 * 1024;
@@ -534,6 +536,110 @@ async fn copy_dir<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         d.counters.touch(d.start);
     }
+}
+
+/// Moves bytes from a plain socket into a stream (a TLS session) through a buffer borrowed from
+/// the pool only while the socket has data; at the socket's EOF, shuts the stream down.
+async fn sock_to_stream<S: SpliceSocket, W: AsyncWrite + Unpin>(
+    src: &S,
+    dst: &mut W,
+    pool: &PipePool,
+    d: Dir<'_>,
+) -> Result<(), (Side, io::Error)> {
+    loop {
+        src.ready_for(Interest::READABLE)
+            .await
+            .map_err(|e| (d.src, e))?;
+        let mut buf = pool.get_buf();
+        let r = async {
+            loop {
+                let n = match read_draining(src, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err((d.src, e)),
+                };
+                if n == 0 {
+                    d.finished();
+                    let _ = dst.shutdown().await;
+                    return Ok(true);
+                }
+                d.counters.add(d.up, n as u64);
+                d.counters.touch(d.start);
+                match dst.write_all(&buf[..n]).await {
+                    Ok(()) => {}
+                    Err(e) if d.peer_left(&e) => return Ok(true),
+                    Err(e) => return Err((d.dst, e)),
+                }
+                d.counters.touch(d.start);
+            }
+        }
+        .await;
+        pool.put_buf(buf);
+        if r? {
+            return Ok(());
+        }
+    }
+}
+
+/// Moves bytes from a stream (a TLS session) into a plain socket until the stream's EOF, then
+/// half-closes the socket. The buffer is one TLS record's worth of plaintext (16 KiB): the
+/// stream gives no readiness to wait on before borrowing a buffer, so this one stays small.
+async fn stream_to_sock<R: AsyncRead + Unpin, D: SpliceSocket>(
+    src: &mut R,
+    dst: &D,
+    d: Dir<'_>,
+) -> Result<(), (Side, io::Error)> {
+    let mut buf = vec![0u8; TLS_RECORD_PLAINTEXT];
+    loop {
+        let n = src.read(&mut buf).await.map_err(|e| (d.src, e))?;
+        if n == 0 {
+            d.finished();
+            shutdown_write(dst.as_fd());
+            return Ok(());
+        }
+        d.counters.add(d.up, n as u64);
+        d.counters.touch(d.start);
+        let mut off = 0;
+        while off < n {
+            dst.ready_for(Interest::WRITABLE)
+                .await
+                .map_err(|e| (d.dst, e))?;
+            match dst.try_io_with(Interest::WRITABLE, || {
+                nix::unistd::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
+            }) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if d.peer_left(&e) => return Ok(()),
+                Err(e) => return Err((d.dst, e)),
+            }
+        }
+        d.counters.touch(d.start);
+    }
+}
+
+/// Forwarding for a terminated connection: plaintext between the client's TLS session and the
+/// backend socket. An idle connection holds one 16 KiB buffer (the TLS side) and no pooled one.
+pub async fn forward_terminated<C>(
+    client: &mut C,
+    backend: &BackendStream,
+    pool: &PipePool,
+    limits: Limits<'_>,
+    counters: &Counters,
+) -> End
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let (up, down) = dirs(counters, start);
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let both = async {
+        tokio::try_join!(
+            stream_to_sock(&mut cr, backend, up),
+            sock_to_stream(backend, &mut cw, pool, down)
+        )
+    };
+    tokio::pin!(both);
+    drive(both, counters, start, limits).await
 }
 
 /// Resolves when no byte has moved for `idle`.
