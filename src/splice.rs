@@ -448,6 +448,30 @@ async fn copy_chunk<S: SpliceSocket, D: SpliceSocket>(
     r
 }
 
+/// Writes all of `buf` to a socket whose readiness tokio tracks. Returns true when the peer has
+/// left (see [`Dir::peer_left`]): the direction is over, normally.
+async fn write_all_sock<D: SpliceSocket>(
+    dst: &D,
+    buf: &[u8],
+    d: &Dir<'_>,
+) -> Result<bool, (Side, io::Error)> {
+    let mut off = 0;
+    while off < buf.len() {
+        dst.ready_for(Interest::WRITABLE)
+            .await
+            .map_err(|e| (d.dst, e))?;
+        match dst.try_io_with(Interest::WRITABLE, || {
+            nix::unistd::write(dst.as_fd(), &buf[off..]).map_err(io::Error::from)
+        }) {
+            Ok(m) => off += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if d.peer_left(&e) => return Ok(true),
+            Err(e) => return Err((d.dst, e)),
+        }
+    }
+    Ok(false)
+}
+
 /// Reads from src and writes everything to dst until src would block (or, with `once`, after
 /// one read). Returns true at src's EOF, after half-closing dst.
 async fn copy_while_readable<S: SpliceSocket, D: SpliceSocket>(
@@ -470,19 +494,8 @@ async fn copy_while_readable<S: SpliceSocket, D: SpliceSocket>(
         }
         d.counters.add(d.up, n as u64);
         d.counters.touch(d.start);
-        let mut off = 0;
-        while off < n {
-            dst.ready_for(Interest::WRITABLE)
-                .await
-                .map_err(|e| (d.dst, e))?;
-            match dst.try_io_with(Interest::WRITABLE, || {
-                nix::unistd::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
-            }) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if d.peer_left(&e) => return Ok(true),
-                Err(e) => return Err((d.dst, e)),
-            }
+        if write_all_sock(dst, &buf[..n], d).await? {
+            return Ok(true);
         }
         d.counters.touch(d.start);
         if once {
@@ -599,19 +612,8 @@ async fn stream_to_sock<R: AsyncRead + Unpin, D: SpliceSocket>(
         }
         d.counters.add(d.up, n as u64);
         d.counters.touch(d.start);
-        let mut off = 0;
-        while off < n {
-            dst.ready_for(Interest::WRITABLE)
-                .await
-                .map_err(|e| (d.dst, e))?;
-            match dst.try_io_with(Interest::WRITABLE, || {
-                nix::unistd::write(dst.as_fd(), &buf[off..n]).map_err(io::Error::from)
-            }) {
-                Ok(m) => off += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if d.peer_left(&e) => return Ok(()),
-                Err(e) => return Err((d.dst, e)),
-            }
+        if write_all_sock(dst, &buf[..n], &d).await? {
+            return Ok(());
         }
         d.counters.touch(d.start);
     }
