@@ -163,11 +163,6 @@ impl Route {
             .find_map(|p| self.alpn.iter().find(|(name, _)| name == p).map(|(_, t)| t))
             .unwrap_or(&self.target)
     }
-
-    /// Every target of the route (for summaries and reload checks).
-    pub fn targets(&self) -> impl Iterator<Item = &Target> {
-        std::iter::once(&self.target).chain(self.alpn.iter().map(|(_, t)| t))
-    }
 }
 
 /// What sniplex does with a connection once its route (and ALPN entry) is chosen.

@@ -124,13 +124,6 @@ impl<T> RouteTable<T> {
         sni.and_then(|n| self.lookup_name(n))
             .or(self.fallback.as_ref())
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.exact
-            .values()
-            .chain(self.wildcard.values())
-            .chain(self.fallback.iter())
-    }
 }
 
 #[cfg(test)]

@@ -120,11 +120,6 @@ impl PipePool {
             }
         }
     }
-
-    /// Pipes currently pooled (for tests and metrics).
-    pub fn idle(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
-    }
 }
 
 /// A socket whose readiness tokio tracks, usable as a splice endpoint.
