@@ -403,11 +403,16 @@ async fn metrics_count_known_traffic_exactly() {
         &conf,
         &format!(
             "listen = [\"127.0.0.1:0\"]\nlog_connections = true\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
-             [routes]\n\"git.test\" = \"{}\"\n\"down.test\" = \"unix:{}/none.sock\"\n",
+             [routes]\n\"git.test\" = \"{}\"\n\"down.test\" = \"unix:{}/none.sock\"\n\
+             [routes.\"x.test\"]\nbackend = \"{}\"\ndeny = [\"127.0.0.0/8\"]\n\
+             [routes.\"blog.test\"]\nbackend = \"{}\"\nterminate = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n",
             git.config_addr,
-            dir.path().display()
+            dir.path().display(),
+            git.config_addr,
+            git.config_addr,
         ),
     );
+    pki.write_to(dir.path());
     let mut bin = Binary::start(&conf, 1);
     let metrics_addr = bin.addr_of("metrics endpoint");
     let addr = bin.addrs[0];
@@ -433,6 +438,24 @@ async fn metrics_count_known_traffic_exactly() {
     assert!(whoami(addr, "down.test", &pki).await.is_err());
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
     raw.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let _ = raw.read_to_end(&mut Vec::new()).await;
+    // Refused by `deny`: alert 112, counted as denied.
+    let e = whoami(addr, "x.test", &pki).await.unwrap_err();
+    assert_eq!(
+        alert_of(&e),
+        Some(rustls::AlertDescription::UnrecognisedName),
+        "{e}"
+    );
+    // A terminated route whose handshake fails: a real hello, then garbage.
+    let mut conn =
+        rustls::ClientConnection::new(pki.client_config(&[]), server_name("blog.test")).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(&hello).await.unwrap();
+    raw.write_all(&[23, 3, 3, 0, 4, 1, 2, 3, 4]).await.unwrap();
     let _ = raw.read_to_end(&mut Vec::new()).await;
 
     let expect = [
@@ -464,7 +487,17 @@ async fn metrics_count_known_traffic_exactly() {
             "sniplex_bytes_total{route=\"git.test\",direction=\"backend_to_client\"}",
             received as f64,
         ),
-        ("sniplex_client_hello_seconds_count", 6.0),
+        (
+            "sniplex_connections_total{route=\"x.test\",outcome=\"denied\"}",
+            1.0,
+        ),
+        ("sniplex_rejected_total{reason=\"denied\"}", 1.0),
+        (
+            "sniplex_connections_total{route=\"blog.test\",outcome=\"handshake_error\"}",
+            1.0,
+        ),
+        ("sniplex_rejected_total{reason=\"handshake_error\"}", 1.0),
+        ("sniplex_client_hello_seconds_count", 8.0),
         (
             "sniplex_backend_connect_seconds_count{route=\"git.test\"}",
             3.0,
