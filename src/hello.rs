@@ -142,21 +142,30 @@ impl HelloReader {
                 .extend_from_slice(&rest[RECORD_HEADER_LEN..RECORD_HEADER_LEN + len]);
             self.parsed += RECORD_HEADER_LEN + len;
 
-            if self.msg.len() < HANDSHAKE_HEADER_LEN {
-                continue;
-            }
-            check_handshake_type(self.msg[0])?;
-            let body_len = usize::from(self.msg[1]) << 16
-                | usize::from(self.msg[2]) << 8
-                | usize::from(self.msg[3]);
-            if body_len > MAX_HANDSHAKE_LEN {
-                return Err(HelloError::TooLarge("handshake message longer than 32 KiB"));
-            }
-            let end = HANDSHAKE_HEADER_LEN + body_len;
-            if self.msg.len() >= end {
-                return parse_body(&self.msg[HANDSHAKE_HEADER_LEN..end]).map(Some);
+            if let Some(hello) = parse_handshake(&self.msg)? {
+                return Ok(Some(hello));
             }
         }
+    }
+}
+
+/// Reads a ClientHello from handshake-layer bytes (no TLS records around them), as QUIC carries
+/// them in CRYPTO frames. `Ok(None)`: not complete yet. Bytes after the hello are ignored.
+pub fn parse_handshake(msg: &[u8]) -> Result<Option<ClientHello>, HelloError> {
+    let Some(&first) = msg.first() else {
+        return Ok(None);
+    };
+    check_handshake_type(first)?;
+    if msg.len() < HANDSHAKE_HEADER_LEN {
+        return Ok(None);
+    }
+    let body_len = usize::from(msg[1]) << 16 | usize::from(msg[2]) << 8 | usize::from(msg[3]);
+    if body_len > MAX_HANDSHAKE_LEN {
+        return Err(HelloError::TooLarge("handshake message longer than 32 KiB"));
+    }
+    match msg.get(HANDSHAKE_HEADER_LEN..HANDSHAKE_HEADER_LEN + body_len) {
+        Some(body) => parse_body(body).map(Some),
+        None => Ok(None),
     }
 }
 

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod name;
 pub mod privileges;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod router;
 pub mod server;
 pub mod splice;
