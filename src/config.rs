@@ -110,6 +110,8 @@ pub struct Route {
     /// listed here selects its target.
     pub alpn: Vec<(Vec<u8>, Target)>,
     pub access: Access,
+    /// `quic = "IP:PORT"`: where this name's QUIC flows (UDP) go. None: no QUIC flows.
+    pub quic: Option<BackendAddr>,
 }
 
 /// `allow` / `deny` of a route: who may reach it at all.
@@ -252,6 +254,36 @@ pub struct Config {
     /// `[listener] accept_proxy_protocol`: every connection starts with a PROXY v1/v2 header
     /// from a load balancer in front; its source address is the client's.
     pub accept_proxy_protocol: bool,
+    /// `[quic]`: UDP listeners for QUIC flows routed by SNI. None: no QUIC at all.
+    pub quic: Option<QuicConfig>,
+}
+
+/// `[quic]`: where QUIC is accepted, how long a quiet flow is kept, and the bounds that keep
+/// spoofed Initials from exhausting memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicConfig {
+    /// UDP addresses to bind (ignored when systemd passes datagram sockets).
+    pub listen: Vec<SocketAddr>,
+    /// A flow with no datagram either way for this long is forgotten.
+    pub idle: Duration,
+    pub max_flows: usize,
+    pub max_flows_per_ip: usize,
+    /// Flows whose ClientHello is not whole yet (each holds at most 64 KiB of datagrams).
+    pub max_pending: usize,
+    pub max_pending_per_ip: usize,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            listen: Vec::new(),
+            idle: Duration::from_secs(120),
+            max_flows: 20_000,
+            max_flows_per_ip: 256,
+            max_pending: 1024,
+            max_pending_per_ip: 16,
+        }
+    }
 }
 
 /// `[metrics]`: where the Prometheus endpoint is served.
@@ -425,6 +457,18 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     listener: RawListener,
+    quic: Option<Spanned<RawQuic>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuic {
+    listen: Option<Spanned<Vec<Spanned<String>>>>,
+    idle: Option<Spanned<HumanDuration>>,
+    max_flows: Option<Spanned<u64>>,
+    max_flows_per_ip: Option<Spanned<u64>>,
+    max_pending: Option<Spanned<u64>>,
+    max_pending_per_ip: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -452,6 +496,7 @@ struct RawRouteTable {
     alpn: BTreeMap<Spanned<String>, Spanned<RawRoute>>,
     allow: Option<Spanned<Vec<Spanned<String>>>>,
     deny: Option<Spanned<Vec<Spanned<String>>>>,
+    quic: Option<Spanned<String>>,
 }
 
 /// `backend = "a"` or `backend = ["a", "b"]`.
@@ -516,6 +561,7 @@ impl<'de> Deserialize<'de> for RawRoute {
                     alpn: BTreeMap::new(),
                     allow: None,
                     deny: None,
+                    quic: None,
                 }))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
@@ -534,6 +580,7 @@ impl<'de> Deserialize<'de> for RawRoute {
                     alpn: BTreeMap::new(),
                     allow: None,
                     deny: None,
+                    quic: None,
                 }))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
@@ -645,6 +692,7 @@ impl RawConfig {
         let ctx = RouteCtx {
             base,
             metrics_route: metrics.as_ref().and_then(|m| m.route.as_ref()),
+            quic: self.quic.is_some(),
         };
 
         let mut routes = RouteTable::new();
@@ -736,7 +784,71 @@ impl RawConfig {
             }
         }
 
+        let quic = match self.quic {
+            None => None,
+            Some(q) => {
+                let q = q.into_inner();
+                let mut out = QuicConfig::default();
+                if let Some(list) = q.listen {
+                    for (i, a) in list.get_ref().iter().enumerate() {
+                        let addr: SocketAddr = a.get_ref().parse().map_err(|_| {
+                            err(
+                                a.span(),
+                                format!("quic.listen[{i}]"),
+                                format!("{:?} is not an IP:PORT address", a.get_ref()),
+                            )
+                        })?;
+                        if out.listen.contains(&addr) {
+                            return Err(err(
+                                a.span(),
+                                format!("quic.listen[{i}]"),
+                                format!("{addr} is listed twice"),
+                            ));
+                        }
+                        out.listen.push(addr);
+                    }
+                }
+                if let Some(v) = q.idle {
+                    if v.get_ref().0.is_zero() {
+                        return Err(err(
+                            v.span(),
+                            "quic.idle".into(),
+                            "must be more than zero".into(),
+                        ));
+                    }
+                    out.idle = v.get_ref().0;
+                }
+                for (name, value, slot) in [
+                    ("max_flows", q.max_flows, &mut out.max_flows),
+                    (
+                        "max_flows_per_ip",
+                        q.max_flows_per_ip,
+                        &mut out.max_flows_per_ip,
+                    ),
+                    ("max_pending", q.max_pending, &mut out.max_pending),
+                    (
+                        "max_pending_per_ip",
+                        q.max_pending_per_ip,
+                        &mut out.max_pending_per_ip,
+                    ),
+                ] {
+                    if let Some(v) = value {
+                        if *v.get_ref() == 0 {
+                            return Err(err(
+                                v.span(),
+                                format!("quic.{name}"),
+                                "must be at least 1".into(),
+                            ));
+                        }
+                        *slot = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
+                    }
+                }
+                Some(out)
+            }
+        };
+
         Ok(Config {
+            quic,
             source: path.to_owned(),
             limits,
             accept_proxy_protocol: self.listener.accept_proxy_protocol,
@@ -772,6 +884,8 @@ struct RouteCtx<'a> {
     /// Relative certificate paths are relative to the config file's directory.
     base: &'a Path,
     metrics_route: Option<&'a ServerName>,
+    /// A `[quic]` table exists (routes may only name QUIC backends then).
+    quic: bool,
 }
 
 fn build_route(
@@ -810,7 +924,21 @@ fn build_route(
         alpn: raw_alpn,
         allow,
         deny,
+        quic,
     } = table;
+    let quic = match quic {
+        None => None,
+        Some(q) if !ctx.quic => {
+            return Err((
+                q.span(),
+                format!("{key}.quic"),
+                "needs a [quic] table (with `listen`, or datagram sockets from systemd)".into(),
+            ))
+        }
+        Some(q) => Some(
+            parse_quic_backend(q.get_ref()).map_err(|m| (q.span(), format!("{key}.quic"), m))?,
+        ),
+    };
     let access = Access {
         allow: parse_nets(allow, &format!("{key}.allow"))?,
         deny: parse_nets(deny, &format!("{key}.deny"))?,
@@ -831,8 +959,16 @@ fn build_route(
             terminate,
             allow,
             deny,
+            quic: entry_quic,
             ..
         } = entry.into_inner().0;
+        if let Some(q) = entry_quic {
+            return Err((
+                q.span(),
+                format!("{k}.quic"),
+                "quic belongs to the route, not to an ALPN entry".into(),
+            ));
+        }
         if let Some(a) = allow.as_ref().or(deny.as_ref()) {
             return Err((
                 a.span(),
@@ -850,7 +986,19 @@ fn build_route(
         target,
         alpn: entries,
         access,
+        quic,
     })
+}
+
+/// A UDP backend: `IP:PORT` or `host:PORT` (resolved when a flow starts). Unix sockets carry
+/// no UDP flows here.
+fn parse_quic_backend(s: &str) -> Result<BackendAddr, String> {
+    match BackendAddr::parse(s)? {
+        BackendAddr::Unix(_) | BackendAddr::Abstract(_) => Err(format!(
+            "{s:?}: QUIC backends are UDP addresses (\"IP:PORT\" or \"host:PORT\")"
+        )),
+        a => Ok(a),
+    }
 }
 
 fn parse_nets(
@@ -1163,5 +1311,85 @@ shutdown = "30s"
             BackendAddr::parse("[::1]:8443").unwrap(),
             BackendAddr::Tcp("[::1]:8443".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn quic_section_and_route_keys() {
+        let c = parse(
+            r#"
+[quic]
+listen = ["127.0.0.1:8443", "[::1]:8443"]
+idle = "30s"
+max_pending_per_ip = 4
+
+[routes."app.example.org"]
+backend = "unix:/run/app/tls.sock"
+quic = "127.0.0.1:9443"
+
+[routes."box.example.org"]
+backend = "unix:/run/box.sock"
+quic = "box.containers:443"
+
+[fallback]
+backend = "127.0.0.1:1"
+quic = "[::1]:9444"
+"#,
+        )
+        .unwrap();
+        let q = c.quic.as_ref().unwrap();
+        assert_eq!(q.listen.len(), 2);
+        assert_eq!(q.idle, Duration::from_secs(30));
+        assert_eq!(q.max_pending_per_ip, 4);
+        assert_eq!(q.max_flows, QuicConfig::default().max_flows);
+        let route = |n: &str| {
+            c.routes
+                .route(Some(&ServerName::parse(n.as_bytes()).unwrap()))
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            route("app.example.org").quic,
+            Some(BackendAddr::Tcp("127.0.0.1:9443".parse().unwrap()))
+        );
+        assert_eq!(
+            route("box.example.org").quic,
+            Some(BackendAddr::Host {
+                host: "box.containers".into(),
+                port: 443
+            })
+        );
+        assert_eq!(route("other.example.org").label.as_ref(), "fallback");
+        assert!(route("other.example.org").quic.is_some());
+
+        let e = err("[routes.\"a.example\"]\nbackend = \"127.0.0.1:1\"\nquic = \"127.0.0.1:2\"\n");
+        assert!(
+            e.contains("test.toml:3:8: routes.\"a.example\".quic: needs a [quic] table"),
+            "{e}"
+        );
+        let e = err(
+            "[quic]\n[routes.\"a.example\"]\nbackend = \"127.0.0.1:1\"\nquic = \"unix:/x.sock\"\n",
+        );
+        assert!(
+            e.contains(
+                "test.toml:4:8: routes.\"a.example\".quic: \"unix:/x.sock\": QUIC backends are UDP"
+            ),
+            "{e}"
+        );
+        let e = err("[quic]\nlisten = [\"nope\"]\n");
+        assert!(e.contains("test.toml:2:11: quic.listen[0]"), "{e}");
+        let e = err("[quic]\nidle = \"0s\"\n");
+        assert!(
+            e.contains("test.toml:2:8: quic.idle: must be more than zero"),
+            "{e}"
+        );
+        let e = err("[quic]\nmax_flows = 0\n");
+        assert!(
+            e.contains("test.toml:2:13: quic.max_flows: must be at least 1"),
+            "{e}"
+        );
+        let e = err("[quic]\nlisen = []\n");
+        assert!(e.contains("test.toml:2:1: quic.lisen"), "{e}");
+        let e = err("[routes.\"a.example\"]\nbackend = \"127.0.0.1:1\"\n[routes.\"a.example\".alpn.h3]\nbackend = \"127.0.0.1:2\"\nquic = \"127.0.0.1:3\"\n");
+        assert!(e.contains("quic belongs to the route"), "{e}");
     }
 }

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
 fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
     // Before any thread exists: adopting inherited fds edits the environment.
     let activated = sniplex::systemd::take_activated()?;
-    let (listeners, is_activated) = match activated {
+    let activated = match activated {
         Some(a) => {
             let names: Vec<&str> = a.tcp.iter().map(|(_, n)| n.as_str()).collect();
             tracing::info!(
@@ -74,16 +74,38 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
                 a.tcp.len(),
                 names.join(", ")
             );
-            if !a.udp.is_empty() {
-                tracing::warn!("ignoring {} inherited datagram socket(s)", a.udp.len());
-            }
             anyhow::ensure!(
                 !a.tcp.is_empty(),
                 "socket activation passed no TCP listening socket"
             );
-            (a.tcp.into_iter().map(|(l, _)| l).collect(), true)
+            let udp: Vec<std::net::UdpSocket> = a.udp.into_iter().map(|(u, _)| u).collect();
+            (a.tcp.into_iter().map(|(l, _)| l).collect(), true, udp)
         }
-        None => (sniplex::listener::bind_all(&config.listen)?, false),
+        None => (
+            sniplex::listener::bind_all(&config.listen)?,
+            false,
+            Vec::new(),
+        ),
+    };
+    let (listeners, is_activated, inherited_udp) = activated;
+    // QUIC: datagram sockets from systemd when it passed any, else `[quic] listen`.
+    let quic = match &config.quic {
+        None if !inherited_udp.is_empty() => {
+            tracing::warn!(
+                "ignoring {} inherited datagram socket(s): the config has no [quic] table",
+                inherited_udp.len()
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
+        Some(_) if !inherited_udp.is_empty() => {
+            tracing::info!(
+                "socket-activated: serving QUIC on {} inherited datagram socket(s); `quic.listen` is ignored",
+                inherited_udp.len()
+            );
+            inherited_udp
+        }
+        Some(q) => sniplex::quic::flows::bind_all(&q.listen)?,
     };
     let metrics = match &config.metrics {
         Some(mc) => {
@@ -126,6 +148,7 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
         let options = sniplex::Options {
             activated: is_activated,
             metrics,
+            quic,
             ..Default::default()
         };
         sniplex::run(config, listeners, options, rx).await?;

@@ -23,6 +23,10 @@ pub const REJECTED_TOTAL: &str = "sniplex_rejected_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "sniplex_config_reloads_total";
 pub const BUILD_INFO: &str = "sniplex_build_info";
 pub const ACCEPT_ERRORS_TOTAL: &str = "sniplex_accept_errors_total";
+pub const QUIC_FLOWS_ACTIVE: &str = "sniplex_quic_flows_active";
+pub const QUIC_PENDING: &str = "sniplex_quic_pending";
+pub const QUIC_FLOWS_TOTAL: &str = "sniplex_quic_flows_total";
+pub const QUIC_DATAGRAMS_TOTAL: &str = "sniplex_quic_datagrams_total";
 
 /// Route label before a route is known.
 pub const NO_ROUTE: &str = "none";
@@ -77,7 +81,17 @@ fn describe() {
     );
     describe_counter!(
         REJECTED_TOTAL,
-        "Connections refused before forwarding, by reason."
+        "Connections (and QUIC datagrams or flows, reasons quic_*) refused before forwarding, by reason."
+    );
+    describe_gauge!(QUIC_FLOWS_ACTIVE, "QUIC flows being forwarded.");
+    describe_gauge!(
+        QUIC_PENDING,
+        "QUIC flows waiting for the rest of their ClientHello."
+    );
+    describe_counter!(QUIC_FLOWS_TOTAL, "QUIC flows started, by route.");
+    describe_counter!(
+        QUIC_DATAGRAMS_TOTAL,
+        "QUIC datagrams forwarded by route and direction."
     );
     describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads by result.");
     describe_gauge!(

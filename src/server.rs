@@ -35,6 +35,8 @@ pub struct Options {
     pub activated: bool,
     /// A bound metrics endpoint and the recorder handle to render.
     pub metrics: Option<(Option<m::MetricsListener>, PrometheusHandle)>,
+    /// Bound (or inherited) UDP sockets for QUIC flows.
+    pub quic: Vec<std::net::UdpSocket>,
 }
 
 /// What the outside world can ask of a running server.
@@ -85,6 +87,16 @@ pub async fn run(
     for l in listeners {
         server.start_loop(l)?;
     }
+    let quic_stop = CancellationToken::new();
+    let quic_tasks = TaskTracker::new();
+    for s in options.quic {
+        quic_tasks.spawn(crate::quic::flows::serve(
+            s,
+            shared.clone(),
+            quic_stop.clone(),
+        ));
+    }
+    quic_tasks.close();
     let metrics_stop = CancellationToken::new();
     if let (Some(l), Some(h)) = (metrics_listener, handle) {
         let stop = metrics_stop.clone();
@@ -123,6 +135,9 @@ pub async fn run(
     }
 
     notify::stopping();
+    // QUIC flows have no drain: their endpoints retransmit or time out on their own.
+    quic_stop.cancel();
+    quic_tasks.wait().await;
     server.shutdown().await;
     metrics_stop.cancel();
     Ok(())
@@ -159,6 +174,11 @@ impl Server {
             .map_err(|e| e.to_string())
             .and_then(|new| {
                 self.reconcile_listeners(&new.listen)?;
+                let old = self.shared.config.load();
+                let listen = |c: &Config| c.quic.as_ref().map(|q| q.listen.clone());
+                if listen(&old) != listen(&new) {
+                    tracing::warn!("[quic] listen/presence changed: UDP sockets are rebound on restart only; routes apply now");
+                }
                 let summary = new.summary();
                 self.shared.config.store(Arc::new(new));
                 Ok(summary)

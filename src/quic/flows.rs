@@ -1,0 +1,695 @@
+//! The QUIC flow engine: one task per UDP listener reads every datagram; a datagram of a known
+//! flow is sent on that flow's connected upstream socket at once (never awaited, so one slow
+//! flow cannot stall the others); a new client address must start with an Initial, whose
+//! ClientHello is reassembled (`initial`) before a route is chosen. One task per flow carries
+//! the backend's datagrams back and forgets the flow after `[quic] idle` of silence.
+//!
+//! Flows are found by client address and, when the address changed (NAT rebinding), by the
+//! Destination Connection ID of the client's packet: the server's connection IDs are learned
+//! from the backend's long-header replies.
+
+use super::initial::{self, HelloAssembler, InitialError};
+use crate::config::{BackendAddr, Config, QuicConfig, Route};
+use crate::conn::Shared;
+use crate::hello::{ClientHello, MAX_BUFFERED};
+use crate::limits::ip_key;
+use crate::metrics as m;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams held for one pending flow before its hello is whole (a post-quantum hello takes 2).
+const MAX_PENDING_DATAGRAMS: usize = 32;
+/// How often pending hellos are checked against their deadline.
+const SWEEP: Duration = Duration::from_millis(250);
+/// CONNECTION_CLOSE answers per second at most (each is smaller than the Initial it answers).
+const CLOSES_PER_SEC: u32 = 200;
+
+thread_local! {
+    /// One receive buffer per worker thread: no flow holds a 64 KiB buffer while idle.
+    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
+}
+
+/// Binds the `[quic] listen` addresses (IPv6 wildcard dual-stack unless `0.0.0.0` on the same
+/// port is listed too).
+pub fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<std::net::UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    addrs
+        .iter()
+        .map(|addr| {
+            let v4_too = addrs
+                .iter()
+                .any(|a| a.is_ipv4() && a.port() == addr.port() && a.ip().is_unspecified());
+            let bind = || -> io::Result<std::net::UdpSocket> {
+                let s = Socket::new(
+                    Domain::for_address(*addr),
+                    Type::DGRAM.cloexec(),
+                    Some(Protocol::UDP),
+                )?;
+                if addr.is_ipv6() {
+                    s.set_only_v6(v4_too)?;
+                }
+                s.set_nonblocking(true)?;
+                // Best effort: room for bursts while the loop is busy.
+                let _ = s.set_recv_buffer_size(4 << 20);
+                let _ = s.set_send_buffer_size(4 << 20);
+                s.bind(&(*addr).into())?;
+                Ok(s.into())
+            };
+            bind()
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on UDP {addr}: {e}")))
+        })
+        .collect()
+}
+
+/// Why a QUIC datagram did not start or join a flow (`sniplex_rejected_total{reason}`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuicReject {
+    #[error("{0}")]
+    Initial(InitialError),
+    #[error("short-header packet for no known flow")]
+    NoFlow,
+    #[error("no route with a QUIC backend for this name")]
+    NoRoute,
+    #[error("client address not allowed on this route")]
+    Denied,
+    #[error("ClientHello not whole within the client_hello timeout")]
+    HelloTimeout,
+    #[error("too many flows")]
+    LimitFlows,
+    #[error("too many flows from this address")]
+    LimitPerIp,
+    #[error("too many pending ClientHellos")]
+    LimitPending,
+    #[error("QUIC backend: {0}")]
+    Backend(String),
+}
+
+impl QuicReject {
+    pub fn label(&self) -> &'static str {
+        match self {
+            QuicReject::Initial(e) => e.label(),
+            QuicReject::NoFlow => "quic_no_flow",
+            QuicReject::NoRoute => "quic_no_route",
+            QuicReject::Denied => "quic_denied",
+            QuicReject::HelloTimeout => "quic_hello_timeout",
+            QuicReject::LimitFlows => "quic_limit_flows",
+            QuicReject::LimitPerIp => "quic_limit_per_ip",
+            QuicReject::LimitPending => "quic_limit_pending",
+            QuicReject::Backend(_) => "quic_backend_error",
+        }
+    }
+}
+
+/// Milliseconds on a process-wide clock, for "last datagram" stamps shared between tasks.
+fn now_ms(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+#[derive(Debug)]
+struct Flow {
+    upstream: UdpSocket,
+    /// Where the backend's datagrams go: the client's current address.
+    client: Mutex<SocketAddr>,
+    /// `now_ms` of the last datagram either way.
+    last: AtomicU64,
+    route: Arc<str>,
+    sni: Option<String>,
+    backend: SocketAddr,
+    ip: IpAddr,
+    to_backend: (AtomicU64, AtomicU64),
+    to_client: (AtomicU64, AtomicU64),
+    counters: (metrics::Counter, metrics::Counter),
+    /// Server connection IDs indexed for this flow (removed with it).
+    cids: Mutex<Vec<Box<[u8]>>>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_addr: HashMap<SocketAddr, Arc<Flow>>,
+    by_cid: HashMap<Box<[u8]>, Arc<Flow>>,
+    /// Lengths of the server connection IDs seen, to try on a short header from a new address.
+    cid_lens: BTreeSet<usize>,
+    per_ip: HashMap<IpAddr, usize>,
+    flows: usize,
+}
+
+impl Table {
+    fn by_cid(&self, datagram: &[u8]) -> Option<Arc<Flow>> {
+        if initial::is_long_header(datagram) {
+            let h = initial::parse_long_header(datagram).ok()?;
+            return self.by_cid.get(h.dcid).cloned();
+        }
+        self.cid_lens.iter().find_map(|&n| {
+            datagram
+                .get(1..1 + n)
+                .and_then(|c| self.by_cid.get(c))
+                .cloned()
+        })
+    }
+
+    fn remove(&mut self, flow: &Arc<Flow>) {
+        let client = *lock(&flow.client);
+        if self
+            .by_addr
+            .get(&client)
+            .is_some_and(|f| Arc::ptr_eq(f, flow))
+        {
+            self.by_addr.remove(&client);
+        }
+        for cid in lock(&flow.cids).iter() {
+            if self.by_cid.get(cid).is_some_and(|f| Arc::ptr_eq(f, flow)) {
+                self.by_cid.remove(cid);
+            }
+        }
+        if let Some(n) = self.per_ip.get_mut(&flow.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&flow.ip);
+            }
+        }
+        self.flows -= 1;
+    }
+}
+
+/// A poisoned lock only means another task panicked mid-update of plain data; keep going.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug)]
+struct Pending {
+    hello: HelloAssembler,
+    datagrams: Vec<Box<[u8]>>,
+    bytes: usize,
+    deadline: Instant,
+    /// The hello is whole and the upstream socket is being set up.
+    starting: bool,
+}
+
+/// A finished upstream setup, sent back to the listener loop.
+struct Ready {
+    client: SocketAddr,
+    result: Result<UdpSocket, QuicReject>,
+    backend: SocketAddr,
+    route: Arc<Route>,
+    sni: Option<String>,
+}
+
+struct Engine {
+    socket: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    table: Arc<Mutex<Table>>,
+    pending: HashMap<SocketAddr, Pending>,
+    pending_per_ip: HashMap<IpAddr, usize>,
+    ready_tx: mpsc::UnboundedSender<Ready>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    epoch: Instant,
+    closes: (Instant, u32),
+    last_log: Option<Instant>,
+    /// Last value written to the pending gauge.
+    pending_shown: usize,
+}
+
+/// Serves one UDP listener until `stop`. Flows still open are forgotten when it returns.
+pub async fn serve(socket: std::net::UdpSocket, shared: Arc<Shared>, stop: CancellationToken) {
+    let socket = match socket
+        .set_nonblocking(true)
+        .and_then(|_| UdpSocket::from_std(socket))
+    {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!("QUIC listener: {e}");
+            return;
+        }
+    };
+    if let Ok(addr) = socket.local_addr() {
+        tracing::info!(%addr, "listening for QUIC");
+    }
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let mut e = Engine {
+        socket,
+        shared,
+        table: Arc::default(),
+        pending: HashMap::new(),
+        pending_per_ip: HashMap::new(),
+        ready_tx,
+        tasks: TaskTracker::new(),
+        stop: stop.child_token(),
+        epoch: Instant::now(),
+        closes: (Instant::now(), 0),
+        last_log: None,
+        pending_shown: 0,
+    };
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some(r) = ready_rx.recv() => e.started(r),
+            r = e.socket.readable() => {
+                if let Err(err) = r {
+                    tracing::error!("QUIC listener: {err}");
+                    break;
+                }
+                e.drain();
+            }
+            _ = sweep.tick() => e.sweep(),
+        }
+        if e.pending.len() != e.pending_shown {
+            metrics::gauge!(m::QUIC_PENDING)
+                .increment(e.pending.len() as f64 - e.pending_shown as f64);
+            e.pending_shown = e.pending.len();
+        }
+    }
+    metrics::gauge!(m::QUIC_PENDING).decrement(e.pending_shown as f64);
+    e.stop.cancel();
+    e.tasks.close();
+    e.tasks.wait().await;
+}
+
+impl Engine {
+    fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.shared.config.load()
+    }
+
+    /// Reads every datagram that is queued now, without awaiting between them.
+    fn drain(&mut self) {
+        // Bounded so a flood cannot starve the other branches (ready flows, the sweep).
+        for _ in 0..256 {
+            let got = BUF.with(|b| {
+                let mut buf = b.borrow_mut();
+                match self.socket.try_recv_from(&mut buf) {
+                    Ok((n, src)) => {
+                        self.datagram(&buf[..n], src);
+                        true
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                    Err(e) => {
+                        // ICMP errors surface here on some kernels; they concern one peer.
+                        tracing::debug!("QUIC recv: {e}");
+                        true
+                    }
+                }
+            });
+            if !got {
+                return;
+            }
+        }
+    }
+
+    fn datagram(&mut self, d: &[u8], src: SocketAddr) {
+        let known = {
+            let mut t = lock(&self.table);
+            match t.by_addr.get(&src).cloned() {
+                Some(f) => Some(f),
+                None => match t.by_cid(d) {
+                    Some(f) => {
+                        // The client's address changed (NAT rebinding, or migration keeping
+                        // its connection ID): follow it.
+                        let old = std::mem::replace(&mut *lock(&f.client), src);
+                        if t.by_addr.get(&old).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+                            t.by_addr.remove(&old);
+                        }
+                        t.by_addr.insert(src, f.clone());
+                        tracing::debug!(%old, new = %src, route = %f.route, "QUIC flow moved");
+                        Some(f)
+                    }
+                    None => None,
+                },
+            }
+        };
+        if let Some(flow) = known {
+            flow.last.store(now_ms(self.epoch), Ordering::Relaxed);
+            // A full socket buffer drops the datagram, as the network would; QUIC recovers.
+            if flow.upstream.try_send(d).is_ok() {
+                flow.to_backend.0.fetch_add(1, Ordering::Relaxed);
+                flow.to_backend
+                    .1
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                flow.counters.0.increment(1);
+            }
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&src) {
+            if p.datagrams.len() >= MAX_PENDING_DATAGRAMS || p.bytes + d.len() > MAX_BUFFERED {
+                self.fail_pending(src, QuicReject::Initial(InitialError::TooLarge));
+                return;
+            }
+            p.datagrams.push(d.into());
+            p.bytes += d.len();
+            if p.starting {
+                return;
+            }
+            match p.hello.feed(d) {
+                Ok(None) => {}
+                Ok(Some(hello)) => self.route(src, hello),
+                Err(e) => self.fail_pending(src, QuicReject::Initial(e)),
+            }
+            return;
+        }
+        self.new_flow(d, src);
+    }
+
+    fn new_flow(&mut self, d: &[u8], src: SocketAddr) {
+        if !initial::is_long_header(d) {
+            return self.reject(src, QuicReject::NoFlow, None);
+        }
+        let config = self.config();
+        let Some(q) = config.quic.as_ref() else {
+            return self.reject(src, QuicReject::NoRoute, None);
+        };
+        let ip = ip_key(src.ip());
+        let (max_pending, max_pending_ip) = (q.max_pending, q.max_pending_per_ip);
+        let hello_timeout = config.timeouts.client_hello;
+        drop(config);
+        if self.pending.len() >= max_pending {
+            return self.reject(src, QuicReject::LimitPending, None);
+        }
+        if self.pending_per_ip.get(&ip).copied().unwrap_or(0) >= max_pending_ip {
+            return self.reject(src, QuicReject::LimitPending, None);
+        }
+        match HelloAssembler::start(d) {
+            Err(e) => self.reject(src, QuicReject::Initial(e), None),
+            Ok((hello, done)) => {
+                *self.pending_per_ip.entry(ip).or_default() += 1;
+                self.pending.insert(
+                    src,
+                    Pending {
+                        hello,
+                        datagrams: vec![d.into()],
+                        bytes: d.len(),
+                        deadline: Instant::now() + hello_timeout,
+                        starting: false,
+                    },
+                );
+                if let Some(h) = done {
+                    self.route(src, h);
+                }
+            }
+        }
+    }
+
+    /// The hello is whole: pick the route and start setting up the upstream socket.
+    fn route(&mut self, src: SocketAddr, hello: ClientHello) {
+        let config = self.config();
+        let route = config.routes.route(hello.sni.as_ref()).cloned();
+        let Some(route) = route.filter(|r| r.quic.is_some()) else {
+            return self.fail_pending(src, QuicReject::NoRoute);
+        };
+        if !route.access.permits(src.ip()) {
+            return self.fail_pending(src, QuicReject::Denied);
+        }
+        let Some(q) = config.quic.as_ref() else {
+            return self.fail_pending(src, QuicReject::NoRoute);
+        };
+        let ip = ip_key(src.ip());
+        {
+            let t = lock(&self.table);
+            if t.flows >= q.max_flows {
+                drop(t);
+                return self.fail_pending(src, QuicReject::LimitFlows);
+            }
+            if t.per_ip.get(&ip).copied().unwrap_or(0) >= q.max_flows_per_ip {
+                drop(t);
+                return self.fail_pending(src, QuicReject::LimitPerIp);
+            }
+        }
+        if let Some(p) = self.pending.get_mut(&src) {
+            p.starting = true;
+        }
+        let Some(addr) = route.quic.clone() else {
+            return;
+        };
+        let tx = self.ready_tx.clone();
+        let sni = hello.sni.map(|n| n.as_str().to_owned());
+        let timeout = config.timeouts.connect;
+        self.tasks.spawn(async move {
+            let (result, backend) = match tokio::time::timeout(timeout, upstream(&addr)).await {
+                Ok(Ok((s, a))) => (Ok(s), a),
+                Ok(Err(e)) => (
+                    Err(QuicReject::Backend(format!("{addr}: {e}"))),
+                    unspecified(),
+                ),
+                Err(_) => (
+                    Err(QuicReject::Backend(format!("{addr}: resolving timed out"))),
+                    unspecified(),
+                ),
+            };
+            let _ = tx.send(Ready {
+                client: src,
+                result,
+                backend,
+                route,
+                sni,
+            });
+        });
+    }
+
+    /// An upstream socket is ready (or failed): the flow begins with every buffered datagram.
+    fn started(&mut self, r: Ready) {
+        let Some(p) = self.pending.remove(&r.client) else {
+            return;
+        };
+        self.forget_pending_ip(r.client);
+        let upstream = match r.result {
+            Ok(s) => s,
+            Err(e) => return self.reject(r.client, e, Some(&p.hello)),
+        };
+        let label = r.route.label.clone();
+        let c = |dir: &'static str| metrics::counter!(m::QUIC_DATAGRAMS_TOTAL, "route" => label.to_string(), "direction" => dir);
+        let flow = Arc::new(Flow {
+            upstream,
+            client: Mutex::new(r.client),
+            last: AtomicU64::new(now_ms(self.epoch)),
+            route: r.route.label.clone(),
+            sni: r.sni,
+            backend: r.backend,
+            ip: ip_key(r.client.ip()),
+            to_backend: (AtomicU64::new(0), AtomicU64::new(0)),
+            to_client: (AtomicU64::new(0), AtomicU64::new(0)),
+            counters: (c("client_to_backend"), c("backend_to_client")),
+            cids: Mutex::new(Vec::new()),
+        });
+        for d in &p.datagrams {
+            if flow.upstream.try_send(d).is_ok() {
+                flow.to_backend.0.fetch_add(1, Ordering::Relaxed);
+                flow.to_backend
+                    .1
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                flow.counters.0.increment(1);
+            }
+        }
+        {
+            let mut t = lock(&self.table);
+            t.by_addr.insert(r.client, flow.clone());
+            *t.per_ip.entry(flow.ip).or_default() += 1;
+            t.flows += 1;
+        }
+        metrics::gauge!(m::QUIC_FLOWS_ACTIVE).increment(1.0);
+        metrics::counter!(m::QUIC_FLOWS_TOTAL, "route" => label.to_string()).increment(1);
+        tracing::debug!(client = %r.client, route = %label, backend = %r.backend, "QUIC flow started");
+        let idle = self
+            .config()
+            .quic
+            .as_ref()
+            .map_or(QuicConfig::default().idle, |q| q.idle);
+        let log = self.config().log_connections;
+        self.tasks.spawn(backend_to_client(
+            flow,
+            self.socket.clone(),
+            self.table.clone(),
+            self.epoch,
+            idle,
+            self.stop.clone(),
+            log,
+        ));
+    }
+
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<SocketAddr> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.starting && p.deadline <= now)
+            .map(|(a, _)| *a)
+            .collect();
+        for a in expired {
+            self.fail_pending(a, QuicReject::HelloTimeout);
+        }
+    }
+
+    fn forget_pending_ip(&mut self, src: SocketAddr) {
+        let ip = ip_key(src.ip());
+        if let Some(n) = self.pending_per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_per_ip.remove(&ip);
+            }
+        }
+    }
+
+    fn fail_pending(&mut self, src: SocketAddr, why: QuicReject) {
+        if let Some(p) = self.pending.remove(&src) {
+            self.forget_pending_ip(src);
+            self.reject(src, why, Some(&p.hello));
+        }
+    }
+
+    /// Counts and logs (at most once a second) a refused datagram or flow; a client whose
+    /// name has no QUIC route is told so with CONNECTION_CLOSE (unrecognized_name).
+    fn reject(&mut self, src: SocketAddr, why: QuicReject, hello: Option<&HelloAssembler>) {
+        metrics::counter!(m::REJECTED_TOTAL, "reason" => why.label()).increment(1);
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::info!(client = %src, reason = why.label(), "QUIC: {why} (logged at most once a second)");
+            self.last_log = Some(Instant::now());
+        }
+        let close = matches!(why, QuicReject::NoRoute | QuicReject::Denied);
+        if let (true, Some(h)) = (close, hello) {
+            if self.closes.0.elapsed() >= Duration::from_secs(1) {
+                self.closes = (Instant::now(), 0);
+            }
+            if self.closes.1 < CLOSES_PER_SEC {
+                self.closes.1 += 1;
+                let pkt = h.connection_close(initial::CRYPTO_ERROR_UNRECOGNIZED_NAME, "no route");
+                let _ = self.socket.try_send_to(&pkt, src);
+            }
+        }
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// A connected UDP socket to the route's QUIC backend (host names resolved now).
+async fn upstream(addr: &BackendAddr) -> io::Result<(UdpSocket, SocketAddr)> {
+    let target = match addr {
+        BackendAddr::Tcp(a) => *a,
+        BackendAddr::Host { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?,
+        BackendAddr::Unix(_) | BackendAddr::Abstract(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a UDP address",
+            ))
+        }
+    };
+    let local: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let s = UdpSocket::bind(local).await?;
+    s.connect(target).await?;
+    Ok((s, target))
+}
+
+/// Carries the backend's datagrams to the client's current address until the flow is idle.
+async fn backend_to_client(
+    flow: Arc<Flow>,
+    socket: Arc<UdpSocket>,
+    table: Arc<Mutex<Table>>,
+    epoch: Instant,
+    idle: Duration,
+    stop: CancellationToken,
+    log: bool,
+) {
+    let started = Instant::now();
+    let idle_ms = idle.as_millis() as u64;
+    loop {
+        let last = flow.last.load(Ordering::Relaxed);
+        let deadline = epoch + Duration::from_millis(last + idle_ms);
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = flow.upstream.readable() => {
+                if r.is_err() {
+                    break;
+                }
+                pump(&flow, &socket, &table, epoch);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if flow.last.load(Ordering::Relaxed) == last {
+                    break;
+                }
+            }
+        }
+    }
+    lock(&table).remove(&flow);
+    metrics::gauge!(m::QUIC_FLOWS_ACTIVE).decrement(1.0);
+    let client = *lock(&flow.client);
+    if log {
+        tracing::info!(
+            client = %client,
+            sni = flow.sni.as_deref().unwrap_or("-"),
+            route = %flow.route,
+            backend = %flow.backend,
+            datagrams_up = flow.to_backend.0.load(Ordering::Relaxed),
+            bytes_up = flow.to_backend.1.load(Ordering::Relaxed),
+            datagrams_down = flow.to_client.0.load(Ordering::Relaxed),
+            bytes_down = flow.to_client.1.load(Ordering::Relaxed),
+            duration = ?started.elapsed(),
+            "QUIC flow ended"
+        );
+    }
+}
+
+fn pump(flow: &Arc<Flow>, socket: &UdpSocket, table: &Mutex<Table>, epoch: Instant) {
+    for _ in 0..256 {
+        let more = BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            match flow.upstream.try_recv(&mut buf) {
+                Ok(n) => {
+                    let d = &buf[..n];
+                    if let Some(cid) = initial::server_cid(d) {
+                        learn(flow, table, cid);
+                    }
+                    flow.last.store(now_ms(epoch), Ordering::Relaxed);
+                    let to = *lock(&flow.client);
+                    if socket.try_send_to(d, to).is_ok() {
+                        flow.to_client.0.fetch_add(1, Ordering::Relaxed);
+                        flow.to_client.1.fetch_add(n as u64, Ordering::Relaxed);
+                        flow.counters.1.increment(1);
+                    }
+                    true
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                // ECONNREFUSED: the backend is not (yet) listening; the client will retry.
+                Err(_) => true,
+            }
+        });
+        if !more {
+            return;
+        }
+    }
+}
+
+fn learn(flow: &Arc<Flow>, table: &Mutex<Table>, cid: &[u8]) {
+    let mut cids = lock(&flow.cids);
+    if cids.iter().any(|c| &c[..] == cid) || cids.len() >= 8 {
+        return;
+    }
+    cids.push(cid.into());
+    let mut t = lock(table);
+    t.cid_lens.insert(cid.len());
+    t.by_cid.entry(cid.into()).or_insert_with(|| flow.clone());
+}

@@ -151,7 +151,12 @@ pub fn parse_long_header(pkt: &[u8]) -> Result<LongHeader<'_>, InitialError> {
         return Err(InitialError::NotLongHeader);
     }
     let short = InitialError::Malformed("truncated long header");
-    let version = u32::from_be_bytes(pkt.get(1..5).ok_or(short.clone())?.try_into().map_err(|_| short.clone())?);
+    let version = u32::from_be_bytes(
+        pkt.get(1..5)
+            .ok_or(short.clone())?
+            .try_into()
+            .map_err(|_| short.clone())?,
+    );
     if rustls_version(version).is_none() {
         return Err(InitialError::UnknownVersion(version));
     }
@@ -159,10 +164,12 @@ pub fn parse_long_header(pkt: &[u8]) -> Result<LongHeader<'_>, InitialError> {
         return Err(InitialError::Malformed("fixed bit is zero"));
     }
     let mut at = 5;
-    let mut cid = |at: &mut usize| -> Result<&[u8], InitialError> {
+    let cid = |at: &mut usize| -> Result<&[u8], InitialError> {
         let len = usize::from(*pkt.get(*at).ok_or(short.clone())?);
         if len > MAX_CID_LEN {
-            return Err(InitialError::Malformed("connection ID longer than 20 bytes"));
+            return Err(InitialError::Malformed(
+                "connection ID longer than 20 bytes",
+            ));
         }
         let c = pkt.get(*at + 1..*at + 1 + len).ok_or(short.clone())?;
         *at += 1 + len;
@@ -194,7 +201,9 @@ pub fn parse_long_header(pkt: &[u8]) -> Result<LongHeader<'_>, InitialError> {
     at += n;
     let len = usize::try_from(len).map_err(|_| short.clone())?;
     if pkt.len() - at < len {
-        return Err(InitialError::Malformed("Length field runs past the datagram"));
+        return Err(InitialError::Malformed(
+            "Length field runs past the datagram",
+        ));
     }
     Ok(LongHeader {
         version,
@@ -279,7 +288,9 @@ impl HelloAssembler {
         }
         if h.dcid.len() < 8 {
             // RFC 9000 section 7.2: a client's first Destination Connection ID is at least 8 bytes.
-            return Err(InitialError::Malformed("first Destination Connection ID shorter than 8 bytes"));
+            return Err(InitialError::Malformed(
+                "first Destination Connection ID shorter than 8 bytes",
+            ));
         }
         let version = rustls_version(h.version).ok_or(InitialError::UnknownVersion(h.version))?;
         let mut a = HelloAssembler {
@@ -333,7 +344,9 @@ impl HelloAssembler {
     fn open_initial(&mut self, pkt: &[u8], pn_offset: usize) -> Result<(), InitialError> {
         let sample = pkt
             .get(pn_offset + 4..pn_offset + 4 + HP_SAMPLE_LEN)
-            .ok_or(InitialError::Malformed("Initial too short for a header protection sample"))?;
+            .ok_or(InitialError::Malformed(
+                "Initial too short for a header protection sample",
+            ))?;
         let mut first = pkt[0];
         let mut pn = [0u8; 4];
         pn.copy_from_slice(&pkt[pn_offset..pn_offset + 4]);
@@ -347,7 +360,9 @@ impl HelloAssembler {
             return Err(InitialError::Undecryptable);
         }
         let pn_len = usize::from(first & 0x03) + 1;
-        let truncated = pn[..pn_len].iter().fold(0u64, |a, b| a << 8 | u64::from(*b));
+        let truncated = pn[..pn_len]
+            .iter()
+            .fold(0u64, |a, b| a << 8 | u64::from(*b));
         let number = decode_packet_number(self.largest_pn, truncated, pn_len);
         let header_len = pn_offset + pn_len;
         if pkt.len() < header_len + AEAD_TAG_LEN {
@@ -377,7 +392,7 @@ impl HelloAssembler {
                 0x02 | 0x03 => {
                     // ACK: largest, delay, range count, first range, ranges, [ECN counts].
                     let mut at = 1;
-                    let mut field = |at: &mut usize| -> Result<u64, InitialError> {
+                    let field = |at: &mut usize| -> Result<u64, InitialError> {
                         let (v, n) = read_varint(&p[*at..]).ok_or(bad.clone())?;
                         *at += n;
                         Ok(v)
@@ -410,9 +425,15 @@ impl HelloAssembler {
                 }
                 0x1c => {
                     // The client gave up; nothing to route.
-                    return Err(InitialError::Malformed("CONNECTION_CLOSE before the hello was whole"));
+                    return Err(InitialError::Malformed(
+                        "CONNECTION_CLOSE before the hello was whole",
+                    ));
                 }
-                _ => return Err(InitialError::Malformed("frame type not allowed in an Initial")),
+                _ => {
+                    return Err(InitialError::Malformed(
+                        "frame type not allowed in an Initial",
+                    ))
+                }
             }
         }
         Ok(())
@@ -422,12 +443,19 @@ impl HelloAssembler {
         if data.is_empty() {
             return Ok(());
         }
-        if offset.saturating_add(data.len() as u64) > MAX_CRYPTO || self.chunks.len() >= MAX_CHUNKS {
+        if offset.saturating_add(data.len() as u64) > MAX_CRYPTO || self.chunks.len() >= MAX_CHUNKS
+        {
             return Err(InitialError::TooLarge);
         }
-        let keep = self.chunks.get(&offset).is_none_or(|old| old.len() < data.len());
+        let keep = self
+            .chunks
+            .get(&offset)
+            .is_none_or(|old| old.len() < data.len());
         if keep {
-            let old = self.chunks.insert(offset, data.to_vec()).map_or(0, |o| o.len());
+            let old = self
+                .chunks
+                .insert(offset, data.to_vec())
+                .map_or(0, |o| o.len());
             self.stored = self.stored + data.len() - old;
             if self.stored as u64 > 2 * MAX_CRYPTO {
                 return Err(InitialError::TooLarge);
@@ -467,7 +495,8 @@ impl HelloAssembler {
         while PN_LEN + payload.len() + AEAD_TAG_LEN < 4 + HP_SAMPLE_LEN {
             payload.push(0);
         }
-        let mut pkt = vec![0xc0 | type_bits(self.version, PacketType::Initial) << 4 | (PN_LEN as u8 - 1)];
+        let mut pkt =
+            vec![0xc0 | type_bits(self.version, PacketType::Initial) << 4 | (PN_LEN as u8 - 1)];
         pkt.extend_from_slice(&self.version.to_be_bytes());
         pkt.push(self.scid.len() as u8);
         pkt.extend_from_slice(&self.scid);
@@ -553,7 +582,10 @@ mod tests {
 
     #[test]
     fn packet_number_decoding_follows_rfc9000_a3() {
-        assert_eq!(decode_packet_number(Some(0xa82f30ea), 0x9b32, 2), 0xa82f9b32);
+        assert_eq!(
+            decode_packet_number(Some(0xa82f30ea), 0x9b32, 2),
+            0xa82f9b32
+        );
         assert_eq!(decode_packet_number(None, 0, 1), 0);
         assert_eq!(decode_packet_number(Some(3), 4, 1), 4);
     }
@@ -605,10 +637,16 @@ mod tests {
         let h = parse_long_header(&d).unwrap();
         let mut flipped = d.clone();
         flipped[h.packet_len - 1] ^= 1; // in the AEAD tag
-        assert_eq!(HelloAssembler::start(&flipped).unwrap_err(), InitialError::Undecryptable);
+        assert_eq!(
+            HelloAssembler::start(&flipped).unwrap_err(),
+            InitialError::Undecryptable
+        );
         let mut flipped = d.clone();
         flipped[h.pn_offset + 30] ^= 1;
-        assert_eq!(HelloAssembler::start(&flipped).unwrap_err(), InitialError::Undecryptable);
+        assert_eq!(
+            HelloAssembler::start(&flipped).unwrap_err(),
+            InitialError::Undecryptable
+        );
         assert_eq!(
             HelloAssembler::start(&d[..1199]).unwrap_err(),
             InitialError::ShortDatagram(1199)
@@ -621,8 +659,14 @@ mod tests {
         );
         let mut short = d.clone();
         short[0] &= 0x7f;
-        assert_eq!(HelloAssembler::start(&short).unwrap_err(), InitialError::NotLongHeader);
-        assert_eq!(HelloAssembler::start(&[]).unwrap_err(), InitialError::NotLongHeader);
+        assert_eq!(
+            HelloAssembler::start(&short).unwrap_err(),
+            InitialError::NotLongHeader
+        );
+        assert_eq!(
+            HelloAssembler::start(&[]).unwrap_err(),
+            InitialError::NotLongHeader
+        );
         for n in 0..d.len().min(64) {
             // Any truncation is an error, never a panic.
             assert!(HelloAssembler::start(&d[..n]).is_err());
@@ -686,7 +730,11 @@ mod tests {
                 .unwrap();
             assert_eq!(p[0] & 0x03, 0, "1-byte packet number");
             let (header, payload) = p.split_at_mut(h.pn_offset + 1);
-            let plain = client.remote.packet.decrypt_in_place(0, header, payload).unwrap();
+            let plain = client
+                .remote
+                .packet
+                .decrypt_in_place(0, header, payload)
+                .unwrap();
             assert_eq!(plain[0], 0x1c);
             assert_eq!(read_varint(&plain[1..]), Some((0x170, 2)));
         }
