@@ -2,6 +2,13 @@
 # Installs the Debian packages the test suite drives (real nginx, curl, openssl, ...), if any
 # is missing. Needs root (or sudo) only when something has to be installed.
 set -euo pipefail
+# aioquic (PyPI): the HTTP/3 clients and servers of the QUIC tests and bench (tests/quic/h3.py).
+AIOQUIC_VERSION=1.7.2
+if ! python3 -c 'import aioquic, sys; sys.exit(aioquic.__version__ != "'$AIOQUIC_VERSION'")' 2>/dev/null; then
+    echo "deps: installing aioquic==$AIOQUIC_VERSION from PyPI" >&2
+    python3 -m pip install --quiet --disable-pip-version-check "aioquic==$AIOQUIC_VERSION" \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "aioquic==$AIOQUIC_VERSION"
+fi
 # command -> Debian package
 declare -A pkgs=(
     [nginx]=nginx [curl]=curl [openssl]=openssl [promtool]=prometheus

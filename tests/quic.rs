@@ -322,3 +322,55 @@ async fn floods_of_garbage_and_spoofed_initials_leave_a_real_client_served() {
     }
     drop(s.sniplex);
 }
+
+/// systemd passes a stream and a datagram socket (ListenStream= + ListenDatagram=): QUIC is
+/// served on the inherited UDP socket and `[quic] listen` is not bound.
+#[tokio::test]
+async fn inherited_datagram_socket_is_served() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    Pki::new().write_to(dir.path());
+    let alpha = H3Server::start(dir.path(), "alpha");
+    let conf = dir.path().join("sniplex.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = [\"192.0.2.1:1\"]\n[quic]\nlisten = [\"192.0.2.1:1\"]\n[routes.\"git.test\"]\nbackend = \"127.0.0.1:1\"\nquic = \"{}\"\n",
+            alpha.addr
+        ),
+    )
+    .unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let quic = udp.local_addr().unwrap();
+    let (tfd, ufd) = (tcp.as_raw_fd(), udp.as_raw_fd());
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ exec {} run -c {}",
+            Binary::exe(),
+            conf.display()
+        ))
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "tls:quic");
+    // SAFETY: dup2 is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (from, to) in [(tfd, 3), (ufd, 4)] {
+                if nix::libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut sniplex = Binary::start_cmd(cmd, 1);
+    assert_eq!(
+        sniplex.addr_of("listening for QUIC").parse::<SocketAddr>().unwrap(),
+        quic
+    );
+    let r = client(dir.path(), quic, "git.test", &["--path", "/activated"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["bodies"][0], "alpha /activated");
+}
