@@ -130,3 +130,75 @@ mod route {
         ServerName::parse(black_box(b"Git.Example.ORG.")).unwrap()
     }
 }
+
+/// The QUIC Initial path: what a real client's first datagram costs (key derivation, header
+/// protection, AEAD open, CRYPTO reassembly, hello parse), and what a spoofed one costs before
+/// it is dropped. Baseline: the key derivation alone, which no Initial reader can avoid.
+mod quic {
+    use sniplex::quic::initial::{split_fixture, HelloAssembler, InitialError};
+    use std::hint::black_box;
+
+    fn datagrams(name: &str) -> Vec<Vec<u8>> {
+        split_fixture(
+            &std::fs::read(format!(
+                "{}/tests/fixtures/quic/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap(),
+        )
+    }
+
+    #[divan::bench]
+    fn aioquic_initial_v1(b: divan::Bencher) {
+        let d = datagrams("v1-app.example.org.bin").remove(0);
+        b.bench(|| HelloAssembler::start(black_box(&d)).unwrap().1.unwrap());
+    }
+
+    #[divan::bench]
+    fn post_quantum_over_two_datagrams(b: divan::Bencher) {
+        let d = datagrams("v1-split-app.example.org.bin");
+        b.bench(|| {
+            let (mut a, none) = HelloAssembler::start(black_box(&d[0])).unwrap();
+            assert!(none.is_none());
+            a.feed(black_box(&d[1])).unwrap().unwrap()
+        });
+    }
+
+    /// A spoofed Initial: right shape, keys that do not open it.
+    #[divan::bench]
+    fn bogus_initial_dropped(b: divan::Bencher) {
+        let mut d = datagrams("v1-app.example.org.bin").remove(0);
+        d[6] ^= 0xff;
+        b.bench(|| {
+            assert_eq!(
+                HelloAssembler::start(black_box(&d)).unwrap_err(),
+                InitialError::Undecryptable
+            )
+        });
+    }
+
+    /// Garbage that is not even a long header: refused on its first byte.
+    #[divan::bench]
+    fn garbage_dropped(b: divan::Bencher) {
+        let d = vec![0x41u8; 1200];
+        b.bench(|| HelloAssembler::start(black_box(&d)).unwrap_err());
+    }
+
+    #[divan::bench]
+    fn baseline_initial_key_derivation_only(b: divan::Bencher) {
+        let suite = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .unwrap();
+        let quic = suite.quic.unwrap();
+        let dcid = [7u8; 8];
+        b.bench(|| {
+            rustls::quic::Keys::initial(
+                rustls::quic::Version::V1,
+                suite,
+                quic,
+                black_box(&dcid),
+                rustls::Side::Server,
+            )
+        });
+    }
+}
