@@ -367,7 +367,10 @@ async fn inherited_datagram_socket_is_served() {
     }
     let mut sniplex = Binary::start_cmd(cmd, 1);
     assert_eq!(
-        sniplex.addr_of("listening for QUIC").parse::<SocketAddr>().unwrap(),
+        sniplex
+            .addr_of("listening for QUIC")
+            .parse::<SocketAddr>()
+            .unwrap(),
         quic
     );
     let r = client(dir.path(), quic, "git.test", &["--path", "/activated"]);

@@ -14,13 +14,16 @@ use crate::conn::Shared;
 use crate::hello::{ClientHello, MAX_BUFFERED};
 use crate::limits::ip_key;
 use crate::metrics as m;
+use quinn_udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
+use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -37,8 +40,85 @@ const SWEEP: Duration = Duration::from_millis(250);
 const CLOSES_PER_SEC: u32 = 200;
 
 thread_local! {
-    /// One receive buffer per worker thread: no flow holds a 64 KiB buffer while idle.
-    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
+    /// One batch of receive buffers per worker thread (recvmmsg fills up to BATCH_SIZE, each
+    /// possibly a GRO train of datagrams): no flow holds a buffer while idle.
+    static BUFS: RefCell<Vec<Box<[u8]>>> = RefCell::new(
+        (0..BATCH_SIZE).map(|_| vec![0u8; MAX_DATAGRAM].into_boxed_slice()).collect(),
+    );
+}
+
+/// A UDP socket with quinn-udp's state: recvmmsg and GRO in, GSO out, ECN marks kept both
+/// ways (read from the arriving datagram, set on the forwarded one).
+#[derive(Debug)]
+struct Udp {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl Udp {
+    fn new(std: std::net::UdpSocket) -> io::Result<Udp> {
+        let state = UdpSocketState::new((&std).into())?;
+        Ok(Udp {
+            sock: UdpSocket::from_std(std)?,
+            state,
+        })
+    }
+
+    /// Receives what is queued (one recvmmsg) and hands each buffer to `f` as (bytes, source,
+    /// segment size, ECN). `Ok(false)`: nothing was queued.
+    fn recv_batch(
+        &self,
+        mut f: impl FnMut(&[u8], SocketAddr, usize, Option<EcnCodepoint>),
+    ) -> io::Result<bool> {
+        BUFS.with(|cell| {
+            let mut bufs = cell.borrow_mut();
+            let mut meta = [RecvMeta::default(); BATCH_SIZE];
+            let n = {
+                let mut iovs: Vec<IoSliceMut<'_>> = bufs
+                    .iter_mut()
+                    .map(|b| IoSliceMut::new(&mut b[..]))
+                    .collect();
+                match self.sock.try_io(Interest::READABLE, || {
+                    self.state.recv((&self.sock).into(), &mut iovs, &mut meta)
+                }) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            };
+            for (m, buf) in meta[..n].iter().zip(bufs.iter()) {
+                let len = m.len.min(buf.len());
+                f(&buf[..len], m.addr, m.stride.clamp(1, len.max(1)), m.ecn);
+            }
+            Ok(true)
+        })
+    }
+
+    /// Sends `data` (datagrams of `stride` bytes, the last one possibly shorter) to `to`: one
+    /// GSO sendmsg when the kernel can, else one per datagram. A full socket buffer drops, as
+    /// the network would (QUIC recovers). Returns the datagrams sent.
+    fn send(&self, to: SocketAddr, data: &[u8], stride: usize, ecn: Option<EcnCodepoint>) -> u64 {
+        let segments = data.len().div_ceil(stride);
+        let transmit = |contents: &[u8], segment_size| {
+            let t = Transmit {
+                destination: to,
+                ecn,
+                contents,
+                segment_size,
+                src_ip: None,
+            };
+            self.sock
+                .try_io(Interest::WRITABLE, || {
+                    self.state.try_send((&self.sock).into(), &t)
+                })
+                .is_ok()
+        };
+        if segments > 1 && self.state.max_gso_segments() >= segments && transmit(data, Some(stride))
+        {
+            return segments as u64;
+        }
+        data.chunks(stride).filter(|d| transmit(d, None)).count() as u64
+    }
 }
 
 /// Binds the `[quic] listen` addresses (IPv6 wildcard dual-stack unless `0.0.0.0` on the same
@@ -119,7 +199,7 @@ fn now_ms(epoch: Instant) -> u64 {
 
 #[derive(Debug)]
 struct Flow {
-    upstream: UdpSocket,
+    upstream: Udp,
     /// Where the backend's datagrams go: the client's current address.
     client: Mutex<SocketAddr>,
     /// `now_ms` of the last datagram either way.
@@ -201,14 +281,14 @@ struct Pending {
 /// A finished upstream setup, sent back to the listener loop.
 struct Ready {
     client: SocketAddr,
-    result: Result<UdpSocket, QuicReject>,
+    result: Result<Udp, QuicReject>,
     backend: SocketAddr,
     route: Arc<Route>,
     sni: Option<String>,
 }
 
 struct Engine {
-    socket: Arc<UdpSocket>,
+    socket: Arc<Udp>,
     shared: Arc<Shared>,
     table: Arc<Mutex<Table>>,
     pending: HashMap<SocketAddr, Pending>,
@@ -225,17 +305,14 @@ struct Engine {
 
 /// Serves one UDP listener until `stop`. Flows still open are forgotten when it returns.
 pub async fn serve(socket: std::net::UdpSocket, shared: Arc<Shared>, stop: CancellationToken) {
-    let socket = match socket
-        .set_nonblocking(true)
-        .and_then(|_| UdpSocket::from_std(socket))
-    {
+    let socket = match Udp::new(socket) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!("QUIC listener: {e}");
             return;
         }
     };
-    if let Ok(addr) = socket.local_addr() {
+    if let Ok(addr) = socket.sock.local_addr() {
         tracing::info!(%addr, "listening for QUIC");
     }
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
@@ -260,7 +337,7 @@ pub async fn serve(socket: std::net::UdpSocket, shared: Arc<Shared>, stop: Cance
             biased;
             _ = stop.cancelled() => break,
             Some(r) = ready_rx.recv() => e.started(r),
-            r = e.socket.readable() => {
+            r = e.socket.sock.readable() => {
                 if let Err(err) = r {
                     tracing::error!("QUIC listener: {err}");
                     break;
@@ -288,60 +365,60 @@ impl Engine {
 
     /// Reads every datagram that is queued now, without awaiting between them.
     fn drain(&mut self) {
+        let socket = self.socket.clone();
         // Bounded so a flood cannot starve the other branches (ready flows, the sweep).
-        for _ in 0..256 {
-            let got = BUF.with(|b| {
-                let mut buf = b.borrow_mut();
-                match self.socket.try_recv_from(&mut buf) {
-                    Ok((n, src)) => {
-                        self.datagram(&buf[..n], src);
-                        true
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-                    Err(e) => {
-                        // ICMP errors surface here on some kernels; they concern one peer.
-                        tracing::debug!("QUIC recv: {e}");
-                        true
-                    }
-                }
-            });
-            if !got {
-                return;
+        for _ in 0..16 {
+            match socket.recv_batch(|d, src, stride, ecn| self.batch(d, src, stride, ecn)) {
+                Ok(true) => {}
+                Ok(false) => return,
+                // ICMP errors surface here on some kernels; they concern one peer.
+                Err(e) => tracing::debug!("QUIC recv: {e}"),
             }
         }
     }
 
-    fn datagram(&mut self, d: &[u8], src: SocketAddr) {
-        let known = {
-            let mut t = lock(&self.table);
-            match t.by_addr.get(&src).cloned() {
-                Some(f) => Some(f),
-                None => match t.by_cid(d) {
-                    Some(f) => {
-                        // The client's address changed (NAT rebinding, or migration keeping
-                        // its connection ID): follow it.
-                        let old = std::mem::replace(&mut *lock(&f.client), src);
-                        if t.by_addr.get(&old).is_some_and(|x| Arc::ptr_eq(x, &f)) {
-                            t.by_addr.remove(&old);
-                        }
-                        t.by_addr.insert(src, f.clone());
-                        tracing::debug!(%old, new = %src, route = %f.route, "QUIC flow moved");
-                        Some(f)
-                    }
-                    None => None,
-                },
-            }
-        };
-        if let Some(flow) = known {
+    /// One received buffer: a datagram, or a GRO train of datagrams of `stride` bytes from the
+    /// same source. A known flow gets the whole train in one (GSO) send.
+    fn batch(&mut self, d: &[u8], src: SocketAddr, stride: usize, ecn: Option<EcnCodepoint>) {
+        let first = &d[..stride.min(d.len())];
+        if let Some(flow) = self.known(first, src) {
             flow.last.store(now_ms(self.epoch), Ordering::Relaxed);
-            // A full socket buffer drops the datagram, as the network would; QUIC recovers.
-            if flow.upstream.try_send(d).is_ok() {
-                flow.to_backend.0.fetch_add(1, Ordering::Relaxed);
-                flow.to_backend
-                    .1
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
-                flow.counters.0.increment(1);
-            }
+            let n = flow.upstream.send(flow.backend, d, stride, ecn);
+            flow.to_backend.0.fetch_add(n, Ordering::Relaxed);
+            flow.to_backend
+                .1
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+            flow.counters.0.increment(n);
+            return;
+        }
+        for seg in d.chunks(stride) {
+            self.datagram(seg, src);
+        }
+    }
+
+    /// The flow `src` belongs to, by address or (when its address changed) by connection ID.
+    fn known(&self, d: &[u8], src: SocketAddr) -> Option<Arc<Flow>> {
+        let mut t = lock(&self.table);
+        if let Some(f) = t.by_addr.get(&src) {
+            return Some(f.clone());
+        }
+        let f = t.by_cid(d)?;
+        // NAT rebinding, or migration keeping its connection ID: follow the client.
+        let old = std::mem::replace(&mut *lock(&f.client), src);
+        if t.by_addr.get(&old).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+            t.by_addr.remove(&old);
+        }
+        t.by_addr.insert(src, f.clone());
+        tracing::debug!(%old, new = %src, route = %f.route, "QUIC flow moved");
+        Some(f)
+    }
+
+    /// A datagram from an address with no flow: part of a pending hello, or a new flow.
+    fn datagram(&mut self, d: &[u8], src: SocketAddr) {
+        if let Some(flow) = self.known(d, src) {
+            // An earlier datagram of the same train started a flow that this one belongs to.
+            let n = flow.upstream.send(flow.backend, d, d.len().max(1), None);
+            flow.counters.0.increment(n);
             return;
         }
         if let Some(p) = self.pending.get_mut(&src) {
@@ -485,13 +562,12 @@ impl Engine {
             cids: Mutex::new(Vec::new()),
         });
         for d in &p.datagrams {
-            if flow.upstream.try_send(d).is_ok() {
-                flow.to_backend.0.fetch_add(1, Ordering::Relaxed);
-                flow.to_backend
-                    .1
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
-                flow.counters.0.increment(1);
-            }
+            let n = flow.upstream.send(flow.backend, d, d.len().max(1), None);
+            flow.to_backend.0.fetch_add(n, Ordering::Relaxed);
+            flow.to_backend
+                .1
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+            flow.counters.0.increment(n);
         }
         {
             let mut t = lock(&self.table);
@@ -568,7 +644,9 @@ impl Engine {
             if self.closes.1 < CLOSES_PER_SEC {
                 self.closes.1 += 1;
                 let pkt = h.connection_close(initial::CRYPTO_ERROR_UNRECOGNIZED_NAME, "no route");
-                let _ = self.socket.try_send_to(&pkt, src);
+                if !pkt.is_empty() {
+                    self.socket.send(src, &pkt, pkt.len(), None);
+                }
             }
         }
     }
@@ -579,7 +657,7 @@ fn unspecified() -> SocketAddr {
 }
 
 /// A connected UDP socket to the route's QUIC backend (host names resolved now).
-async fn upstream(addr: &BackendAddr) -> io::Result<(UdpSocket, SocketAddr)> {
+async fn upstream(addr: &BackendAddr) -> io::Result<(Udp, SocketAddr)> {
     let target = match addr {
         BackendAddr::Tcp(a) => *a,
         BackendAddr::Host { host, port } => tokio::net::lookup_host((host.as_str(), *port))
@@ -598,15 +676,15 @@ async fn upstream(addr: &BackendAddr) -> io::Result<(UdpSocket, SocketAddr)> {
     } else {
         ([0u16; 8], 0).into()
     };
-    let s = UdpSocket::bind(local).await?;
-    s.connect(target).await?;
-    Ok((s, target))
+    let s = std::net::UdpSocket::bind(local)?;
+    s.connect(target)?;
+    Ok((Udp::new(s)?, target))
 }
 
 /// Carries the backend's datagrams to the client's current address until the flow is idle.
 async fn backend_to_client(
     flow: Arc<Flow>,
-    socket: Arc<UdpSocket>,
+    socket: Arc<Udp>,
     table: Arc<Mutex<Table>>,
     epoch: Instant,
     idle: Duration,
@@ -615,22 +693,28 @@ async fn backend_to_client(
 ) {
     let started = Instant::now();
     let idle_ms = idle.as_millis() as u64;
+    let deadline = |last: u64| epoch + Duration::from_millis(last + idle_ms);
+    // One timer for the flow's life, re-armed only when it fires: datagrams just stamp `last`.
+    let mut armed_for = flow.last.load(Ordering::Relaxed);
+    let timer = tokio::time::sleep_until(deadline(armed_for));
+    tokio::pin!(timer);
     loop {
-        let last = flow.last.load(Ordering::Relaxed);
-        let deadline = epoch + Duration::from_millis(last + idle_ms);
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            r = flow.upstream.readable() => {
+            r = flow.upstream.sock.readable() => {
                 if r.is_err() {
                     break;
                 }
                 pump(&flow, &socket, &table, epoch);
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                if flow.last.load(Ordering::Relaxed) == last {
+            _ = &mut timer => {
+                let last = flow.last.load(Ordering::Relaxed);
+                if last == armed_for {
                     break;
                 }
+                armed_for = last;
+                timer.as_mut().reset(deadline(last));
             }
         }
     }
@@ -653,32 +737,28 @@ async fn backend_to_client(
     }
 }
 
-fn pump(flow: &Arc<Flow>, socket: &UdpSocket, table: &Mutex<Table>, epoch: Instant) {
-    for _ in 0..256 {
-        let more = BUF.with(|b| {
-            let mut buf = b.borrow_mut();
-            match flow.upstream.try_recv(&mut buf) {
-                Ok(n) => {
-                    let d = &buf[..n];
-                    if let Some(cid) = initial::server_cid(d) {
-                        learn(flow, table, cid);
-                    }
-                    flow.last.store(now_ms(epoch), Ordering::Relaxed);
-                    let to = *lock(&flow.client);
-                    if socket.try_send_to(d, to).is_ok() {
-                        flow.to_client.0.fetch_add(1, Ordering::Relaxed);
-                        flow.to_client.1.fetch_add(n as u64, Ordering::Relaxed);
-                        flow.counters.1.increment(1);
-                    }
-                    true
+fn pump(flow: &Arc<Flow>, socket: &Udp, table: &Mutex<Table>, epoch: Instant) {
+    for _ in 0..16 {
+        let r = flow.upstream.recv_batch(|d, _, stride, ecn| {
+            for seg in d.chunks(stride) {
+                if let Some(cid) = initial::server_cid(seg) {
+                    learn(flow, table, cid);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-                // ECONNREFUSED: the backend is not (yet) listening; the client will retry.
-                Err(_) => true,
             }
+            flow.last.store(now_ms(epoch), Ordering::Relaxed);
+            let to = *lock(&flow.client);
+            let n = socket.send(to, d, stride, ecn);
+            flow.to_client.0.fetch_add(n, Ordering::Relaxed);
+            flow.to_client
+                .1
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+            flow.counters.1.increment(n);
         });
-        if !more {
-            return;
+        match r {
+            Ok(true) => {}
+            Ok(false) => return,
+            // ECONNREFUSED: the backend is not (yet) listening; the client will retry.
+            Err(_) => {}
         }
     }
 }
