@@ -47,6 +47,10 @@ thread_local! {
     );
 }
 
+thread_local! {
+    static TRAIN: RefCell<Train> = RefCell::new(Train::default());
+}
+
 /// A UDP socket with quinn-udp's state: recvmmsg and GRO in, GSO out, ECN marks kept both
 /// ways (read from the arriving datagram, set on the forwarded one).
 #[derive(Debug)]
@@ -738,28 +742,97 @@ async fn backend_to_client(
 }
 
 fn pump(flow: &Arc<Flow>, socket: &Udp, table: &Mutex<Table>, epoch: Instant) {
-    for _ in 0..16 {
-        let r = flow.upstream.recv_batch(|d, _, stride, ecn| {
-            for seg in d.chunks(stride) {
-                if let Some(cid) = initial::server_cid(seg) {
-                    learn(flow, table, cid);
-                }
-            }
-            flow.last.store(now_ms(epoch), Ordering::Relaxed);
+    TRAIN.with(|train| {
+        let mut train = train.borrow_mut();
+        for _ in 0..16 {
             let to = *lock(&flow.client);
-            let n = socket.send(to, d, stride, ecn);
-            flow.to_client.0.fetch_add(n, Ordering::Relaxed);
-            flow.to_client
-                .1
-                .fetch_add(d.len() as u64, Ordering::Relaxed);
+            let r = flow.upstream.recv_batch(|d, _, stride, ecn| {
+                for seg in d.chunks(stride) {
+                    if let Some(cid) = initial::server_cid(seg) {
+                        learn(flow, table, cid);
+                    }
+                }
+                let n = train.push(socket, to, d, stride, ecn);
+                flow.counters.1.increment(n);
+                flow.to_client.0.fetch_add(n, Ordering::Relaxed);
+                flow.to_client
+                    .1
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+            });
+            let n = train.flush(socket);
             flow.counters.1.increment(n);
-        });
-        match r {
-            Ok(true) => {}
-            Ok(false) => return,
-            // ECONNREFUSED: the backend is not (yet) listening; the client will retry.
-            Err(_) => {}
+            flow.to_client.0.fetch_add(n, Ordering::Relaxed);
+            flow.last.store(now_ms(epoch), Ordering::Relaxed);
+            match r {
+                Ok(true) => {}
+                Ok(false) => return,
+                // ECONNREFUSED: the backend is not (yet) listening; the client will retry.
+                Err(_) => {}
+            }
         }
+    })
+}
+
+/// Consecutive datagrams of one size for one destination, copied into one buffer so they leave
+/// in one GSO sendmsg: recvmmsg hands them over one per buffer when the sender did not use GSO
+/// itself (most QUIC servers on loopback, and GRO does not merge them).
+#[derive(Debug, Default)]
+struct Train {
+    buf: Vec<u8>,
+    stride: usize,
+    count: usize,
+    to: Option<SocketAddr>,
+    ecn: Option<EcnCodepoint>,
+    /// The last datagram was shorter than `stride`: nothing may follow it in this train.
+    closed: bool,
+}
+
+impl Train {
+    /// Adds `d` (one datagram, or a GRO train of `stride`-byte datagrams). Returns how many
+    /// datagrams left in sends this call had to make (flushing an earlier train).
+    fn push(
+        &mut self,
+        udp: &Udp,
+        to: SocketAddr,
+        d: &[u8],
+        stride: usize,
+        ecn: Option<EcnCodepoint>,
+    ) -> u64 {
+        let max = udp.state.max_gso_segments();
+        if d.len() > stride || max <= 1 {
+            return self.flush(udp) + udp.send(to, d, stride, ecn);
+        }
+        let fits = self.count > 0
+            && self.to == Some(to)
+            && self.ecn == ecn
+            && !self.closed
+            && d.len() <= self.stride
+            && self.count < max
+            && self.buf.len() + d.len() <= MAX_DATAGRAM;
+        let mut sent = 0;
+        if self.count > 0 && !fits {
+            sent = self.flush(udp);
+        }
+        if self.count == 0 {
+            self.stride = d.len();
+            self.to = Some(to);
+            self.ecn = ecn;
+        }
+        self.closed = d.len() < self.stride;
+        self.buf.extend_from_slice(d);
+        self.count += 1;
+        sent
+    }
+
+    fn flush(&mut self, udp: &Udp) -> u64 {
+        let Some(to) = self.to.take() else {
+            return 0;
+        };
+        let n = udp.send(to, &self.buf, self.stride.max(1), self.ecn);
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+        n
     }
 }
 
