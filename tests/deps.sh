@@ -13,6 +13,7 @@ fi
 declare -A pkgs=(
     [nginx]=nginx [curl]=curl [openssl]=openssl [promtool]=prometheus
     [systemd-socket-activate]=systemd [systemd-analyze]=systemd [haproxy]=haproxy [socat]=socat
+    [ss]=iproute2 [pebble]=pebble
 )
 missing=()
 for cmd in "${!pkgs[@]}"; do
