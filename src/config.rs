@@ -201,12 +201,15 @@ impl fmt::Display for Upstream {
     }
 }
 
-/// `terminate = { cert, key, alpn }`, loaded.
+/// `terminate = { cert, key, alpn }` or `terminate = { acme = true, alpn }`, loaded.
 pub struct Terminate {
+    /// Empty for ACME-managed certificates.
     pub cert: PathBuf,
     pub key: PathBuf,
     pub alpn: Vec<Vec<u8>>,
     pub tls: Arc<rustls::ServerConfig>,
+    /// `acme = true`: the name whose certificate the ACME manager keeps current.
+    pub acme: Option<String>,
 }
 
 impl fmt::Debug for Terminate {
@@ -214,6 +217,7 @@ impl fmt::Debug for Terminate {
         f.debug_struct("Terminate")
             .field("cert", &self.cert)
             .field("key", &self.key)
+            .field("acme", &self.acme)
             .finish_non_exhaustive()
     }
 }
@@ -256,6 +260,22 @@ pub struct Config {
     pub accept_proxy_protocol: bool,
     /// `[quic]`: UDP listeners for QUIC flows routed by SNI. None: no QUIC at all.
     pub quic: Option<QuicConfig>,
+    /// `[acme]`: where certificates for `terminate = { acme = true }` routes come from.
+    pub acme: Option<AcmeConfig>,
+    /// The names of `acme = true` routes, sorted, without duplicates.
+    pub acme_names: Vec<String>,
+}
+
+/// `[acme]`: an RFC 8555 directory, the account's contacts, and where state is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub storage: PathBuf,
+    /// Extra root (PEM) for the directory's HTTPS: a private or test CA.
+    pub ca_bundle: Option<PathBuf>,
+    /// Renew when less than this is left; default: a third of the certificate's lifetime.
+    pub renew_before: Option<Duration>,
 }
 
 /// `[quic]`: where QUIC is accepted, how long a quiet flow is kept, and the bounds that keep
@@ -458,6 +478,7 @@ struct RawConfig {
     #[serde(default)]
     listener: RawListener,
     quic: Option<Spanned<RawQuic>>,
+    acme: Option<Spanned<RawAcme>>,
 }
 
 #[derive(Deserialize)]
@@ -531,9 +552,22 @@ impl<'de> Deserialize<'de> for OneOrMany {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTerminate {
-    cert: Spanned<String>,
-    key: Spanned<String>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    acme: bool,
     alpn: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    directory: Spanned<String>,
+    #[serde(default)]
+    contact: Vec<Spanned<String>>,
+    storage: Spanned<String>,
+    ca_bundle: Option<Spanned<String>>,
+    renew_before: Option<Spanned<HumanDuration>>,
 }
 
 /// A route value: a backend string, or a table (later features add keys to the table). A
@@ -693,9 +727,19 @@ impl RawConfig {
             base,
             metrics_route: metrics.as_ref().and_then(|m| m.route.as_ref()),
             quic: self.quic.is_some(),
+            acme: self.acme.is_some(),
         };
 
         let mut routes = RouteTable::new();
+        let mut acme_names = std::collections::BTreeSet::new();
+        let mut note_acme = |r: &Route| {
+            let targets = std::iter::once(&r.target).chain(r.alpn.iter().map(|(_, t)| t));
+            for t in targets {
+                if let Some(n) = t.terminate.as_ref().and_then(|t| t.acme.clone()) {
+                    acme_names.insert(n);
+                }
+            }
+        };
         for (key, value) in self.routes {
             let key_label = format!("routes.{:?}", key.get_ref());
             let pattern = Pattern::parse(key.get_ref()).map_err(|e| {
@@ -709,6 +753,7 @@ impl RawConfig {
             let table = value.into_inner().0;
             let route = build_route(&ctx, key.get_ref().as_str(), table, value_span, &key_label)
                 .map_err(|(span, k, m)| err(span, k, m))?;
+            note_acme(&route);
             routes
                 .insert(pattern, Arc::new(route))
                 .map_err(|e| err(key.span(), key_label, e.to_string()))?;
@@ -847,7 +892,52 @@ impl RawConfig {
             }
         };
 
+        let acme = match self.acme {
+            None => None,
+            Some(a) => {
+                let a = a.into_inner();
+                let d = a.directory.get_ref();
+                if !d.starts_with("https://") {
+                    return Err(err(
+                        a.directory.span(),
+                        "acme.directory".into(),
+                        format!("{d:?} must be an https:// URL (RFC 8555 section 6.1)"),
+                    ));
+                }
+                if a.storage.get_ref().is_empty() {
+                    return Err(err(
+                        a.storage.span(),
+                        "acme.storage".into(),
+                        "must not be empty".into(),
+                    ));
+                }
+                for (i, c) in a.contact.iter().enumerate() {
+                    if !c.get_ref().contains(':') {
+                        return Err(err(
+                            c.span(),
+                            format!("acme.contact[{i}]"),
+                            format!(
+                                "{:?} is not a URI (\"mailto:admin@example.org\")",
+                                c.get_ref()
+                            ),
+                        ));
+                    }
+                }
+                Some(AcmeConfig {
+                    directory: d.clone(),
+                    contact: a.contact.into_iter().map(Spanned::into_inner).collect(),
+                    storage: base.join(a.storage.get_ref()),
+                    ca_bundle: a.ca_bundle.map(|c| base.join(c.get_ref())),
+                    renew_before: a.renew_before.map(|r| r.get_ref().0),
+                })
+            }
+        };
+        let mut acme_names: Vec<String> = acme_names.into_iter().collect();
+        acme_names.sort();
+
         Ok(Config {
+            acme,
+            acme_names,
             quic,
             source: path.to_owned(),
             limits,
@@ -886,6 +976,8 @@ struct RouteCtx<'a> {
     metrics_route: Option<&'a ServerName>,
     /// A `[quic]` table exists (routes may only name QUIC backends then).
     quic: bool,
+    /// An `[acme]` table exists (routes may only use `terminate = { acme = true }` then).
+    acme: bool,
 }
 
 fn build_route(
@@ -896,6 +988,11 @@ fn build_route(
     key: &str,
 ) -> Result<Route, SpannedError> {
     let is_metrics = ctx.metrics_route.is_some_and(|m| m.as_str() == label);
+    // The name an ACME certificate would be ordered for: exact route keys only.
+    let exact = match Pattern::parse(label) {
+        Ok(Pattern::Exact(n)) if label != "fallback" => Some(n.as_str().to_owned()),
+        _ => None,
+    };
     let mut alpn = Vec::new();
     for (proto, entry) in &table.alpn {
         let k = format!("{key}.alpn.{:?}", proto.get_ref());
@@ -949,8 +1046,11 @@ fn build_route(
         proxy_protocol,
         terminate,
         value_span,
-        key,
-        is_metrics,
+        TargetKey {
+            key,
+            is_metrics,
+            exact: exact.as_deref(),
+        },
     )?;
     for ((proto, span, k), (_, entry)) in alpn.into_iter().zip(raw_alpn) {
         let RawRouteTable {
@@ -978,7 +1078,18 @@ fn build_route(
         }
         entries.push((
             proto,
-            build_target(ctx, backend, proxy_protocol, terminate, span, &k, false)?,
+            build_target(
+                ctx,
+                backend,
+                proxy_protocol,
+                terminate,
+                span,
+                TargetKey {
+                    key: &k,
+                    is_metrics: false,
+                    exact: exact.as_deref(),
+                },
+            )?,
         ));
     }
     Ok(Route {
@@ -1021,15 +1132,27 @@ fn parse_nets(
         .collect()
 }
 
+/// Which target is being built: its dotted key for errors, whether it is the metrics route,
+/// and the exact server name of its route (None for wildcards and the fallback).
+struct TargetKey<'a> {
+    key: &'a str,
+    is_metrics: bool,
+    exact: Option<&'a str>,
+}
+
 fn build_target(
     ctx: &RouteCtx<'_>,
     backend: Option<Spanned<OneOrMany>>,
     proxy_protocol: Option<Spanned<String>>,
     terminate: Option<Spanned<RawTerminate>>,
     value_span: Range<usize>,
-    key: &str,
-    is_metrics: bool,
+    which: TargetKey<'_>,
 ) -> Result<Target, SpannedError> {
+    let TargetKey {
+        key,
+        is_metrics,
+        exact,
+    } = which;
     let proxy_protocol = match proxy_protocol {
         None => None,
         Some(p) => Some(match p.get_ref().as_str() {
@@ -1065,16 +1188,52 @@ fn build_target(
                         .collect()
                 }
             };
+            let tk = format!("{key}.terminate");
             let resolve = |p: &Spanned<String>| ctx.base.join(p.get_ref());
-            let (cert, key_path) = (resolve(&t.cert), resolve(&t.key));
-            let tls = crate::tls::server_config(&cert, &key_path, &alpn)
-                .map_err(|m| (span, format!("{key}.terminate"), m))?;
-            Some(Arc::new(Terminate {
-                cert,
-                key: key_path,
-                alpn,
-                tls,
-            }))
+            match (t.acme, &t.cert, &t.key) {
+                (true, None, None) => {
+                    if !ctx.acme {
+                        return Err((span, format!("{tk}.acme"), "needs an [acme] table".into()));
+                    }
+                    let Some(name) = exact else {
+                        return Err((
+                            span,
+                            format!("{tk}.acme"),
+                            "ACME (tls-alpn-01) certificates are for exact names: not wildcards or the fallback".into(),
+                        ));
+                    };
+                    let tls = crate::acme::server_config(name, &alpn).map_err(|m| (span, tk, m))?;
+                    Some(Arc::new(Terminate {
+                        cert: PathBuf::new(),
+                        key: PathBuf::new(),
+                        alpn,
+                        tls,
+                        acme: Some(name.to_owned()),
+                    }))
+                }
+                (true, _, _) => {
+                    return Err((
+                        span,
+                        tk,
+                        "`acme = true` replaces `cert` and `key`: give one or the other".into(),
+                    ))
+                }
+                (false, Some(c), Some(k)) => {
+                    let (cert, key_path) = (resolve(c), resolve(k));
+                    let tls = crate::tls::server_config(&cert, &key_path, &alpn)
+                        .map_err(|m| (span, tk, m))?;
+                    Some(Arc::new(Terminate {
+                        cert,
+                        key: key_path,
+                        alpn,
+                        tls,
+                        acme: None,
+                    }))
+                }
+                (false, _, _) => {
+                    return Err((span, tk, "needs `cert` and `key` (or `acme = true`)".into()))
+                }
+            }
         }
     };
     let upstream = match backend {

@@ -65,6 +65,8 @@ pub enum Reject {
     ProxyHeader(&'static str),
     #[error("over the limit ({})", .0.label())]
     Limit(crate::limits::Refused),
+    #[error("no certificate for this name yet (its ACME order has not succeeded)")]
+    NoCertificate,
 }
 
 impl Reject {
@@ -81,6 +83,7 @@ impl Reject {
             Reject::Denied => "denied",
             Reject::ProxyHeader(_) => "bad_proxy_header",
             Reject::Limit(r) => r.label(),
+            Reject::NoCertificate => "no_certificate",
         }
     }
 
@@ -90,7 +93,7 @@ impl Reject {
             Reject::Hello(e) if e.is_tls() => Some(Alert::DecodeError),
             // A denied client is told the name does not exist, as if there were no route.
             Reject::NoRoute | Reject::Denied => Some(Alert::UnrecognizedName),
-            Reject::Backend { .. } => Some(Alert::InternalError),
+            Reject::Backend { .. } | Reject::NoCertificate => Some(Alert::InternalError),
             _ => None,
         }
     }
@@ -101,12 +104,16 @@ impl Reject {
 pub enum Outcome {
     Rejected(Reject),
     Forwarded(End),
+    /// A tls-alpn-01 validation handshake from the ACME CA, answered by sniplex itself.
+    AcmeChallenge(Result<(), crate::tls::HandshakeError>),
 }
 
 impl Outcome {
     pub fn label(&self) -> &'static str {
         match self {
             Outcome::Rejected(r) => r.label(),
+            Outcome::AcmeChallenge(Ok(())) => "acme_challenge",
+            Outcome::AcmeChallenge(Err(_)) => "acme_challenge_error",
             Outcome::Forwarded(End::Done) => "ok",
             Outcome::Forwarded(End::Idle) => "idle_timeout",
             Outcome::Forwarded(End::Cancelled) => "shutdown",
@@ -175,7 +182,8 @@ pub async fn handle(
     let error = match &outcome {
         Outcome::Forwarded(End::Error(side, e)) => format!("{}: {e}", side.label()),
         Outcome::Rejected(r) => r.to_string(),
-        Outcome::Forwarded(_) => String::new(),
+        Outcome::AcmeChallenge(Err(e)) => e.to_string(),
+        Outcome::Forwarded(_) | Outcome::AcmeChallenge(Ok(())) => String::new(),
     };
     if config.log_connections {
         tracing::info!(
@@ -188,8 +196,14 @@ pub async fn handle(
     }
     match &outcome {
         _ if config.log_connections => {}
+        Outcome::AcmeChallenge(r) => {
+            tracing::info!(%peer, sni, ok = r.is_ok(), error, "answered an ACME tls-alpn-01 validation");
+        }
         Outcome::Rejected(
-            r @ (Reject::NoRoute | Reject::Backend { .. } | Reject::Handshake(_)),
+            r @ (Reject::NoRoute
+            | Reject::Backend { .. }
+            | Reject::Handshake(_)
+            | Reject::NoCertificate),
         ) => {
             tracing::warn!(%peer, sni, route = route_label, reason = r.label(), "rejected: {r}");
         }
@@ -266,6 +280,22 @@ async fn pipeline(
     metrics::histogram!(m::CLIENT_HELLO_SECONDS).record(hello_started.elapsed().as_secs_f64());
     admission.handshake = None;
 
+    // 1b. A tls-alpn-01 validation for a name sniplex is ordering is answered here, whatever
+    //     the name's route is; it never reaches a backend. (RFC 8737: the CA offers exactly
+    //     one protocol, acme-tls/1.)
+    if let [only] = hello.alpn.as_slice() {
+        if only.as_slice() == crate::acme::ACME_TLS_ALPN {
+            let answer = hello
+                .sni
+                .as_ref()
+                .and_then(|n| crate::acme::store().challenge(n.as_str()));
+            if let Some(answer) = answer {
+                trace.hello = Some(hello);
+                return Box::pin(acme_challenge(client, reader, answer, t, cancel)).await;
+            }
+        }
+    }
+
     // 2. Route by name, then by the client's ALPN offers; the route's allow/deny decides
     //    whether this client may see it at all (if not, the name "does not exist").
     let route = config.routes.route(hello.sni.as_ref()).cloned();
@@ -283,6 +313,13 @@ async fn pipeline(
     let _active = ActiveGuard::new(&route.label);
     trace.counters.attach_metrics(&route.label);
     let counters = &trace.counters;
+
+    // An ACME route before its first certificate: refused cleanly, without a backend connect.
+    if let Some(name) = target.terminate.as_ref().and_then(|t| t.acme.as_deref()) {
+        if crate::acme::store().cert(name).is_none() {
+            return reject(&mut client, Reject::NoCertificate).await;
+        }
+    }
 
     // 3. Connect first, so an unreachable backend gets alert 80 in both modes.
     let mut backend = match &target.upstream {
@@ -370,6 +407,29 @@ async fn pipeline(
     ))
     .await;
     Outcome::Forwarded(end)
+}
+
+/// Completes the CA's validation handshake with the challenge certificate, then closes.
+async fn acme_challenge(
+    client: TcpStream,
+    reader: HelloReader,
+    answer: Arc<rustls::ServerConfig>,
+    t: &crate::config::Timeouts,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let (hello_records, after) = reader.buffered().split_at(reader.consumed());
+    let handshake = crate::tls::accept(client, hello_records, after, answer);
+    tokio::select! {
+        r = tokio::time::timeout(t.client_hello, handshake) => match r {
+            Ok(Ok(mut tls)) => {
+                let _ = tokio::time::timeout(t.client_hello, tls.shutdown()).await;
+                Outcome::AcmeChallenge(Ok(()))
+            }
+            Ok(Err(e)) => Outcome::AcmeChallenge(Err(e)),
+            Err(_) => Outcome::Rejected(Reject::HandshakeTimeout(t.client_hello)),
+        },
+        _ = cancel.cancelled() => Outcome::Rejected(Reject::Shutdown),
+    }
 }
 
 /// What the terminated path needs from the pipeline.

@@ -13,6 +13,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_debug_implementations)]
 
+pub mod acme;
 pub mod alert;
 pub mod backend;
 pub mod config;

@@ -23,6 +23,8 @@ pub const REJECTED_TOTAL: &str = "sniplex_rejected_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "sniplex_config_reloads_total";
 pub const BUILD_INFO: &str = "sniplex_build_info";
 pub const ACCEPT_ERRORS_TOTAL: &str = "sniplex_accept_errors_total";
+pub const ACME_ORDERS_TOTAL: &str = "sniplex_acme_orders_total";
+pub const CERTIFICATE_EXPIRY_SECONDS: &str = "sniplex_certificate_expiry_seconds";
 pub const QUIC_FLOWS_ACTIVE: &str = "sniplex_quic_flows_active";
 pub const QUIC_PENDING: &str = "sniplex_quic_pending";
 pub const QUIC_FLOWS_TOTAL: &str = "sniplex_quic_flows_total";
@@ -82,6 +84,12 @@ fn describe() {
     describe_counter!(
         REJECTED_TOTAL,
         "Connections (and QUIC datagrams or flows, reasons quic_*) refused before forwarding, by reason."
+    );
+    describe_counter!(ACME_ORDERS_TOTAL, "ACME certificate orders, by result.");
+    describe_gauge!(
+        CERTIFICATE_EXPIRY_SECONDS,
+        Unit::Seconds,
+        "notAfter of the certificate an ACME route serves, as a Unix timestamp."
     );
     describe_gauge!(QUIC_FLOWS_ACTIVE, "QUIC flows being forwarded.");
     describe_gauge!(

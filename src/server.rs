@@ -54,6 +54,8 @@ struct AcceptLoop {
 
 struct Server {
     shared: Arc<Shared>,
+    /// Tells the ACME manager that the config changed.
+    acme_wake: Arc<tokio::sync::Notify>,
     connections: TaskTracker,
     loops: HashMap<SocketAddr, AcceptLoop>,
     activated: bool,
@@ -78,7 +80,15 @@ pub async fn run(
         metrics: handle.clone(),
         gate: crate::limits::Gate::new(),
     });
+    let acme_wake = Arc::new(tokio::sync::Notify::new());
+    let acme_stop = CancellationToken::new();
+    let acme_task = tokio::spawn(crate::acme::manage(
+        shared.clone(),
+        acme_wake.clone(),
+        acme_stop.clone(),
+    ));
     let mut server = Server {
+        acme_wake,
         shared: shared.clone(),
         connections: TaskTracker::new(),
         loops: HashMap::new(),
@@ -138,6 +148,8 @@ pub async fn run(
     // QUIC flows have no drain: their endpoints retransmit or time out on their own.
     quic_stop.cancel();
     quic_tasks.wait().await;
+    acme_stop.cancel();
+    let _ = acme_task.await;
     server.shutdown().await;
     metrics_stop.cancel();
     Ok(())
@@ -181,6 +193,7 @@ impl Server {
                 }
                 let summary = new.summary();
                 self.shared.config.store(Arc::new(new));
+                self.acme_wake.notify_one();
                 Ok(summary)
             });
         match &result {

@@ -8,3 +8,4 @@ cargo test --locked
 cargo build --locked --quiet
 bash tests/interop.sh target/debug/sniplex
 bash tests/systemd.sh target/debug/sniplex
+bash tests/acme.sh
