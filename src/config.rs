@@ -1551,4 +1551,51 @@ quic = "[::1]:9444"
         let e = err("[routes.\"a.example\"]\nbackend = \"127.0.0.1:1\"\n[routes.\"a.example\".alpn.h3]\nbackend = \"127.0.0.1:2\"\nquic = \"127.0.0.1:3\"\n");
         assert!(e.contains("quic belongs to the route"), "{e}");
     }
+
+    #[test]
+    fn acme_section_and_routes() {
+        let c = parse(
+            r#"
+[acme]
+directory = "https://acme.example/dir"
+contact = ["mailto:admin@example.org"]
+storage = "acme"
+renew_before = "30d"
+
+[routes."blog.example.org"]
+backend = "unix:/run/blog.sock"
+terminate = { acme = true }
+
+[routes."mixed.example.org"]
+backend = "unix:/run/mixed.sock"
+[routes."mixed.example.org".alpn."http/1.1"]
+backend = "unix:/run/mixed-http.sock"
+terminate = { acme = true, alpn = ["http/1.1"] }
+"#,
+        )
+        .unwrap();
+        let a = c.acme.as_ref().unwrap();
+        assert_eq!(a.storage, Path::new("/etc/sniplex/acme"));
+        assert_eq!(a.renew_before, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(c.acme_names, vec!["blog.example.org", "mixed.example.org"]);
+
+        let route = "[routes.\"a.example\"]\nbackend = \"127.0.0.1:1\"\n";
+        let acme = "[acme]\ndirectory = \"https://x/dir\"\nstorage = \"/s\"\n";
+        let e = err(&format!("{route}terminate = {{ acme = true }}\n"));
+        assert!(e.contains("test.toml:3:13: routes.\"a.example\".terminate.acme: needs an [acme] table"), "{e}");
+        let e = err(&format!("{acme}[routes.\"*.example\"]\nbackend = \"127.0.0.1:1\"\nterminate = {{ acme = true }}\n"));
+        assert!(e.contains("are for exact names"), "{e}");
+        let e = err(&format!("{acme}[fallback]\nbackend = \"127.0.0.1:1\"\nterminate = {{ acme = true }}\n"));
+        assert!(e.contains("fallback.terminate.acme"), "{e}");
+        let e = err(&format!("{acme}{route}terminate = {{ acme = true, cert = \"c.pem\", key = \"k.pem\" }}\n"));
+        assert!(e.contains("replaces `cert` and `key`"), "{e}");
+        let e = err(&format!("{route}terminate = {{ cert = \"c.pem\" }}\n"));
+        assert!(e.contains("needs `cert` and `key`"), "{e}");
+        let e = err("[acme]\ndirectory = \"http://x/dir\"\nstorage = \"/s\"\n");
+        assert!(e.contains("test.toml:2:13: acme.directory: \"http://x/dir\" must be an https:// URL"), "{e}");
+        let e = err("[acme]\ndirectory = \"https://x/dir\"\nstorage = \"/s\"\ncontact = [\"admin\"]\n");
+        assert!(e.contains("test.toml:4:12: acme.contact[0]"), "{e}");
+        let e = err("[acme]\ndirectory = \"https://x/dir\"\n");
+        assert!(e.contains("storage"), "{e}");
+    }
 }

@@ -93,6 +93,13 @@ terminate = { acme = true }
 [routes."refused.test"]
 backend = "127.0.0.1:$blog_port"
 terminate = { acme = true }
+# Passthrough by default (to a port where nothing listens), terminated with an ACME certificate
+# for HTTP/1.1 clients: the CA's acme-tls/1 handshakes must be answered by sniplex, not passed.
+[routes."mixed.test"]
+backend = "127.0.0.1:1"
+[routes."mixed.test".alpn."http/1.1"]
+backend = "127.0.0.1:$wiki_port"
+terminate = { acme = true }
 EOF
 
 start_sniplex() {
@@ -119,13 +126,14 @@ serial() {
 
 start_sniplex
 ok='sniplex_acme_orders_total{result="ok"}'
-wait_for "two issued certificates" metric_is "$ok" 2
+wait_for "three issued certificates" metric_is "$ok" 3
 # Pebble's issuing root is made at its start; a client that trusts it trusts what it issued.
 curl -sf --cacert "$work/ca.pem" "https://localhost:$mgmt_port/roots/0" >"$work/root.pem" ||
     fail "cannot fetch pebble's root"
 [ "$(get blog.test)" = "blog backend" ] || fail "blog.test did not reach its backend"
 [ "$(get wiki.test)" = "wiki backend" ] || fail "wiki.test did not reach its backend"
-echo "acme.sh: issued and served: blog.test, wiki.test"
+[ "$(get mixed.test)" = "wiki backend" ] || fail "mixed.test (ALPN http/1.1) did not reach its backend"
+echo "acme.sh: issued and served: blog.test, wiki.test, mixed.test (a passthrough name)"
 
 # The CA refuses refused.test: its handshakes fail with an alert and are counted; others work.
 wait_for "the refused order" metric_at_least 'sniplex_acme_orders_total{result="error"}' 1
@@ -169,5 +177,12 @@ done
 [ "$(get blog.test)" = "blog backend" ] || fail "blog.test after renewal"
 metric_at_least "$ok" 2 || fail "renewal not counted"
 echo "acme.sh: renewed blog.test; $served requests served while waiting, none failed"
+
+# Reload with a new acme = true name: ordered without a restart.
+printf '[routes."late.test"]\nbackend = "127.0.0.1:%s"\nterminate = { acme = true }\n' "$blog_port" \
+    >>"$work/sniplex.toml"
+kill -HUP "$spid"
+wait_for "late.test after a reload" get late.test
+echo "acme.sh: reload ordered late.test"
 stop_sniplex
 echo "acme.sh: OK"
