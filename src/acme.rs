@@ -352,7 +352,14 @@ async fn renew(
                 &mut account.insert((acme.directory.clone(), a)).1
             }
         };
-        let (chain, key) = order(acct, name).await?;
+        let (chain, key) = match order(acct, name).await {
+            Ok(x) => x,
+            Err(e) => {
+                // The next attempt opens the account again (it may have been deactivated).
+                *account = None;
+                return Err(e);
+            }
+        };
         let l = parse(name, chain.as_bytes(), key.as_bytes())
             .map_err(|e| format!("the CA's certificate does not load: {e}"))?;
         write_atomic(&key_path(&acme.storage, name), key.as_bytes())
@@ -380,8 +387,14 @@ async fn open_account(acme: &AcmeConfig) -> Result<Account, String> {
     };
     let path = acme.storage.join("account.json");
     if let Ok(bytes) = std::fs::read(&path) {
-        match serde_json::from_slice::<AccountCredentials>(&bytes) {
-            Ok(creds) => match builder()
+        match serde_json::from_slice::<StoredAccount>(&bytes) {
+            Ok(stored) if stored.directory != acme.directory => tracing::info!(
+                old = %stored.directory,
+                "the stored ACME account belongs to another directory; creating a new one"
+            ),
+            Ok(StoredAccount {
+                credentials: creds, ..
+            }) => match builder()
                 .map_err(|e| e.to_string())?
                 .from_credentials(creds)
                 .await
@@ -408,10 +421,21 @@ async fn open_account(acme: &AcmeConfig) -> Result<Account, String> {
         )
         .await
         .map_err(|e| format!("creating the ACME account at {}: {e}", acme.directory))?;
-    let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
+    let stored = StoredAccount {
+        directory: acme.directory.clone(),
+        credentials: creds,
+    };
+    let json = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
     write_atomic(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
     tracing::info!(directory = %acme.directory, "ACME account created");
     Ok(account)
+}
+
+/// `account.json`: the account's credentials and the directory they belong to.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAccount {
+    directory: String,
+    credentials: AccountCredentials,
 }
 
 /// Removes a name's challenge answer when the order ends, however it ends.

@@ -1582,18 +1582,31 @@ terminate = { acme = true, alpn = ["http/1.1"] }
         let route = "[routes.\"a.example\"]\nbackend = \"127.0.0.1:1\"\n";
         let acme = "[acme]\ndirectory = \"https://x/dir\"\nstorage = \"/s\"\n";
         let e = err(&format!("{route}terminate = {{ acme = true }}\n"));
-        assert!(e.contains("test.toml:3:13: routes.\"a.example\".terminate.acme: needs an [acme] table"), "{e}");
+        assert!(
+            e.contains(
+                "test.toml:3:13: routes.\"a.example\".terminate.acme: needs an [acme] table"
+            ),
+            "{e}"
+        );
         let e = err(&format!("{acme}[routes.\"*.example\"]\nbackend = \"127.0.0.1:1\"\nterminate = {{ acme = true }}\n"));
         assert!(e.contains("are for exact names"), "{e}");
-        let e = err(&format!("{acme}[fallback]\nbackend = \"127.0.0.1:1\"\nterminate = {{ acme = true }}\n"));
+        let e = err(&format!(
+            "{acme}[fallback]\nbackend = \"127.0.0.1:1\"\nterminate = {{ acme = true }}\n"
+        ));
         assert!(e.contains("fallback.terminate.acme"), "{e}");
-        let e = err(&format!("{acme}{route}terminate = {{ acme = true, cert = \"c.pem\", key = \"k.pem\" }}\n"));
+        let e = err(&format!(
+            "{acme}{route}terminate = {{ acme = true, cert = \"c.pem\", key = \"k.pem\" }}\n"
+        ));
         assert!(e.contains("replaces `cert` and `key`"), "{e}");
         let e = err(&format!("{route}terminate = {{ cert = \"c.pem\" }}\n"));
         assert!(e.contains("needs `cert` and `key`"), "{e}");
         let e = err("[acme]\ndirectory = \"http://x/dir\"\nstorage = \"/s\"\n");
-        assert!(e.contains("test.toml:2:13: acme.directory: \"http://x/dir\" must be an https:// URL"), "{e}");
-        let e = err("[acme]\ndirectory = \"https://x/dir\"\nstorage = \"/s\"\ncontact = [\"admin\"]\n");
+        assert!(
+            e.contains("test.toml:2:13: acme.directory: \"http://x/dir\" must be an https:// URL"),
+            "{e}"
+        );
+        let e =
+            err("[acme]\ndirectory = \"https://x/dir\"\nstorage = \"/s\"\ncontact = [\"admin\"]\n");
         assert!(e.contains("test.toml:4:12: acme.contact[0]"), "{e}");
         let e = err("[acme]\ndirectory = \"https://x/dir\"\n");
         assert!(e.contains("storage"), "{e}");

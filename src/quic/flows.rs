@@ -11,7 +11,7 @@
 use super::initial::{self, HelloAssembler, InitialError};
 use crate::config::{BackendAddr, Config, QuicConfig, Route};
 use crate::conn::Shared;
-use crate::hello::{ClientHello, MAX_BUFFERED};
+use crate::hello::ClientHello;
 use crate::limits::ip_key;
 use crate::metrics as m;
 use quinn_udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
@@ -32,8 +32,12 @@ use tokio_util::task::TaskTracker;
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
-/// Datagrams held for one pending flow before its hello is whole (a post-quantum hello takes 2).
-const MAX_PENDING_DATAGRAMS: usize = 32;
+/// Datagrams held for one pending flow before its hello is whole (a post-quantum hello takes 2;
+/// 0-RTT packets may follow it).
+const MAX_PENDING_DATAGRAMS: usize = 16;
+/// Bytes held for one pending flow: with `max_pending` = 1024, at most 24 MiB of datagrams (and
+/// as much again of reassembled CRYPTO data) for all spoofed hellos together.
+const MAX_PENDING_BYTES: usize = 24 * 1024;
 /// How often pending hellos are checked against their deadline.
 const SWEEP: Duration = Duration::from_millis(250);
 /// CONNECTION_CLOSE answers per second at most (each is smaller than the Initial it answers).
@@ -426,7 +430,7 @@ impl Engine {
             return;
         }
         if let Some(p) = self.pending.get_mut(&src) {
-            if p.datagrams.len() >= MAX_PENDING_DATAGRAMS || p.bytes + d.len() > MAX_BUFFERED {
+            if p.datagrams.len() >= MAX_PENDING_DATAGRAMS || p.bytes + d.len() > MAX_PENDING_BYTES {
                 self.fail_pending(src, QuicReject::Initial(InitialError::TooLarge));
                 return;
             }
