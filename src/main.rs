@@ -105,7 +105,7 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
             );
             inherited_udp
         }
-        Some(q) => sniplex::quic::flows::bind_all(&q.listen)?,
+        Some(q) => sniplex::listener::bind_udp_all(&q.listen)?,
     };
     let metrics = match &config.metrics {
         Some(mc) => {

@@ -129,38 +129,6 @@ impl Udp {
     }
 }
 
-/// Binds the `[quic] listen` addresses (IPv6 wildcard dual-stack unless `0.0.0.0` on the same
-/// port is listed too).
-pub fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<std::net::UdpSocket>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    addrs
-        .iter()
-        .map(|addr| {
-            let v4_too = addrs
-                .iter()
-                .any(|a| a.is_ipv4() && a.port() == addr.port() && a.ip().is_unspecified());
-            let bind = || -> io::Result<std::net::UdpSocket> {
-                let s = Socket::new(
-                    Domain::for_address(*addr),
-                    Type::DGRAM.cloexec(),
-                    Some(Protocol::UDP),
-                )?;
-                if addr.is_ipv6() {
-                    s.set_only_v6(v4_too)?;
-                }
-                s.set_nonblocking(true)?;
-                // Best effort: room for bursts while the loop is busy.
-                let _ = s.set_recv_buffer_size(4 << 20);
-                let _ = s.set_send_buffer_size(4 << 20);
-                s.bind(&(*addr).into())?;
-                Ok(s.into())
-            };
-            bind()
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on UDP {addr}: {e}")))
-        })
-        .collect()
-}
-
 /// Why a QUIC datagram did not start or join a flow (`sniplex_rejected_total{reason}`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuicReject {
