@@ -89,6 +89,7 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
     };
     let (listeners, is_activated, inherited_udp) = activated;
     // QUIC: datagram sockets from systemd when it passed any, else `[quic] listen`.
+    let quic_activated = config.quic.is_some() && !inherited_udp.is_empty();
     let quic = match &config.quic {
         None if !inherited_udp.is_empty() => {
             tracing::warn!(
@@ -149,6 +150,7 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
             activated: is_activated,
             metrics,
             quic,
+            quic_activated,
             ..Default::default()
         };
         sniplex::run(config, listeners, options, rx).await?;

@@ -37,6 +37,8 @@ pub struct Options {
     pub metrics: Option<(Option<m::MetricsListener>, PrometheusHandle)>,
     /// Bound (or inherited) UDP sockets for QUIC flows.
     pub quic: Vec<std::net::UdpSocket>,
+    /// The UDP sockets came from systemd: `[quic] listen` is ignored, also on reload.
+    pub quic_activated: bool,
 }
 
 /// What the outside world can ask of a running server.
@@ -53,6 +55,9 @@ struct AcceptLoop {
 }
 
 struct Server {
+    /// One QUIC listener task per UDP address.
+    quic_loops: HashMap<SocketAddr, AcceptLoop>,
+    quic_activated: bool,
     shared: Arc<Shared>,
     /// Tells the ACME manager that the config changed.
     acme_wake: Arc<tokio::sync::Notify>,
@@ -88,6 +93,8 @@ pub async fn run(
         acme_stop.clone(),
     ));
     let mut server = Server {
+        quic_loops: HashMap::new(),
+        quic_activated: options.quic_activated,
         acme_wake,
         shared: shared.clone(),
         connections: TaskTracker::new(),
@@ -97,16 +104,9 @@ pub async fn run(
     for l in listeners {
         server.start_loop(l)?;
     }
-    let quic_stop = CancellationToken::new();
-    let quic_tasks = TaskTracker::new();
     for s in options.quic {
-        quic_tasks.spawn(crate::quic::flows::serve(
-            s,
-            shared.clone(),
-            quic_stop.clone(),
-        ));
+        server.start_quic(s)?;
     }
-    quic_tasks.close();
     let metrics_stop = CancellationToken::new();
     if let (Some(l), Some(h)) = (metrics_listener, handle) {
         let stop = metrics_stop.clone();
@@ -146,8 +146,10 @@ pub async fn run(
 
     notify::stopping();
     // QUIC flows have no drain: their endpoints retransmit or time out on their own.
-    quic_stop.cancel();
-    quic_tasks.wait().await;
+    for (_, l) in server.quic_loops.drain() {
+        l.stop.cancel();
+        let _ = l.task.await;
+    }
     acme_stop.cancel();
     let _ = acme_task.await;
     server.shutdown().await;
@@ -186,11 +188,8 @@ impl Server {
             .map_err(|e| e.to_string())
             .and_then(|new| {
                 self.reconcile_listeners(&new.listen)?;
-                let old = self.shared.config.load();
-                let listen = |c: &Config| c.quic.as_ref().map(|q| q.listen.clone());
-                if listen(&old) != listen(&new) {
-                    tracing::warn!("[quic] listen/presence changed: UDP sockets are rebound on restart only; routes apply now");
-                }
+                let quic = new.quic.as_ref().map_or(&[][..], |q| &q.listen[..]);
+                self.reconcile_quic(quic)?;
                 let summary = new.summary();
                 self.shared.config.store(Arc::new(new));
                 self.acme_wake.notify_one();
@@ -210,22 +209,46 @@ impl Server {
         result
     }
 
+    fn start_quic(&mut self, s: std::net::UdpSocket) -> io::Result<()> {
+        let addr = s.local_addr()?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(crate::quic::flows::serve(
+            s,
+            self.shared.clone(),
+            stop.clone(),
+        ));
+        self.quic_loops.insert(addr, AcceptLoop { stop, task });
+        Ok(())
+    }
+
+    /// `[quic] listen` on reload, as `listen` is for TCP: new addresses bound (a failure fails
+    /// the reload), dropped ones closed (their flows end; clients reconnect elsewhere).
+    fn reconcile_quic(&mut self, wanted: &[SocketAddr]) -> Result<(), String> {
+        if self.quic_activated {
+            return Ok(());
+        }
+        let current: Vec<SocketAddr> = self.quic_loops.keys().copied().collect();
+        let (to_bind, removed) = plan(&current, wanted);
+        let bound = crate::listener::bind_udp_all(&to_bind).map_err(|e| e.to_string())?;
+        for s in bound {
+            self.start_quic(s).map_err(|e| e.to_string())?;
+        }
+        for a in removed {
+            if let Some(l) = self.quic_loops.remove(&a) {
+                tracing::info!(addr = %a, "no longer listening for QUIC");
+                l.stop.cancel();
+            }
+        }
+        Ok(())
+    }
+
     fn reconcile_listeners(&mut self, wanted: &[SocketAddr]) -> Result<(), String> {
         if self.activated {
             return Ok(());
         }
         let current: Vec<SocketAddr> = self.loops.keys().copied().collect();
-        // A configured port 0 means "any free port": it never matches a bound address, so
-        // such listeners are left as they are rather than rebound on every reload.
-        let is_current = |a: &SocketAddr| a.port() == 0 || current.contains(a);
-        let to_bind: Vec<SocketAddr> = wanted.iter().copied().filter(|a| !is_current(a)).collect();
+        let (to_bind, removed) = plan(&current, wanted);
         let bound = crate::listener::bind_all(&to_bind).map_err(|e| e.to_string())?;
-        let removed: Vec<SocketAddr> = current
-            .into_iter()
-            .filter(|a| {
-                !wanted.contains(a) && !wanted.iter().any(|w| w.port() == 0 && w.ip() == a.ip())
-            })
-            .collect();
         for l in bound {
             self.start_loop(l).map_err(|e| e.to_string())?;
         }
@@ -263,6 +286,22 @@ impl Server {
         }
         tracing::info!("shutdown complete");
     }
+}
+
+/// What to bind and what to close to go from `current` to `wanted`. A configured port 0 means
+/// "any free port": it never matches a bound address, so such listeners are left as they are
+/// rather than rebound on every reload.
+fn plan(current: &[SocketAddr], wanted: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+    let is_current = |a: &SocketAddr| a.port() == 0 || current.contains(a);
+    let to_bind = wanted.iter().copied().filter(|a| !is_current(a)).collect();
+    let removed = current
+        .iter()
+        .copied()
+        .filter(|a| {
+            !wanted.contains(a) && !wanted.iter().any(|w| w.port() == 0 && w.ip() == a.ip())
+        })
+        .collect();
+    (to_bind, removed)
 }
 
 async fn accept_loop(

@@ -377,3 +377,36 @@ async fn inherited_datagram_socket_is_served() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["bodies"][0], "alpha /activated");
 }
+
+/// `[quic] listen` follows the config on reload, as `listen` does for TCP.
+#[tokio::test]
+async fn reload_moves_the_quic_listener() {
+    let mut s = setup("");
+    let conf = s.dir.path().join("sniplex.toml");
+    let old = s.quic;
+    // A port that was free a moment ago (the reload would fail, and say so, if it were taken).
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&conf).unwrap().replace(
+        "[quic]\nlisten = [\"127.0.0.1:0\"]",
+        &format!("[quic]\nlisten = [\"127.0.0.1:{port}\"]"),
+    );
+    std::fs::write(&conf, text).unwrap();
+    s.sniplex.signal(nix::sys::signal::Signal::SIGHUP);
+    // The start's own "listening" line may still be unread: skip to the new address.
+    let new = loop {
+        let a = addr_in(&s.sniplex.next_matching("listening for QUIC"));
+        if a.port() == port {
+            break a;
+        }
+        assert_eq!(a, old, "an unexpected QUIC listener");
+    };
+    let line = s.sniplex.wait_for("no longer listening for QUIC");
+    assert!(line.contains(&old.to_string()), "{line}");
+    let r = client(s.dir.path(), new, "git.test", &["--path", "/moved"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["bodies"][0], "alpha /moved");
+}
