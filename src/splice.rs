@@ -563,7 +563,17 @@ async fn sock_to_stream<S: SpliceSocket, W: AsyncWrite + Unpin>(
             loop {
                 let n = match read_draining(src, &mut buf) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Nothing more to read for now: push out what the stream may still
+                        // hold before waiting. A TLS session keeps records it could not write
+                        // to a full socket; without a flush, a backend that sends its last
+                        // bytes and keeps the connection open (keep-alive) leaves them there.
+                        return match dst.flush().await {
+                            Ok(()) => Ok(false),
+                            Err(e) if d.peer_left(&e) => Ok(true),
+                            Err(e) => Err((d.dst, e)),
+                        };
+                    }
                     Err(e) => return Err((d.src, e)),
                 };
                 if n == 0 {
@@ -757,6 +767,34 @@ where
 #[cfg(test)]
 mod size_tests {
     use super::*;
+
+    /// A stream that holds written bytes until it is flushed (as a TLS session does when its
+    /// socket is full) must still deliver everything when the source goes quiet without EOF.
+    #[tokio::test]
+    async fn buffered_stream_is_flushed_when_the_source_goes_quiet() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (src, mut feeder) = UnixStream::pair().unwrap();
+        let (out, mut reader) = UnixStream::pair().unwrap();
+        let pool = PipePool::new();
+        let counters = Counters::default();
+        let start = Instant::now();
+        let (_, down) = dirs(&counters, start);
+        let mut dst = tokio::io::BufWriter::with_capacity(64 * 1024, out);
+        let task = async { sock_to_stream(&src, &mut dst, &pool, down).await };
+        let check = async {
+            feeder.write_all(&[7u8; 1000]).await.unwrap();
+            let mut got = [0u8; 1000];
+            tokio::time::timeout(Duration::from_secs(10), reader.read_exact(&mut got))
+                .await
+                .expect("bytes stayed in the stream's buffer")
+                .unwrap();
+            assert_eq!(got, [7u8; 1000]);
+        };
+        tokio::select! {
+            r = task => panic!("forwarding ended early: {r:?}"),
+            _ = check => {}
+        }
+    }
 
     /// The forwarding future is what every open connection holds for its whole life (RSS per
     /// idle connection): keep it from growing back (nested readiness futures, futures moved

@@ -611,3 +611,48 @@ async fn certificates_are_re_read_on_reload() {
     assert!(https_get(r.addr, "blog.test", &new, &[]).await.is_ok());
     r.stop().await;
 }
+
+/// A backend that answers with a large body and keeps its connection open (HTTP keep-alive):
+/// every byte must reach the client although no EOF ever pushes the TLS session's buffered
+/// records out. The client's small receive buffer keeps its socket full, so sniplex's writes
+/// into the TLS session often end with records still buffered in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_response_without_backend_eof_is_flushed_whole() {
+    let w = world();
+    let path = w.dir.path().join("keepalive.sock");
+    let l = tokio::net::UnixListener::bind(&path).unwrap();
+    const N: u64 = 6 << 20;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut req = [0u8; 64];
+        let _ = s.read(&mut req).await.unwrap();
+        write_pattern(&mut s, N).await.unwrap();
+        // Keep the connection open until the client has everything.
+        let _ = done_rx.await;
+    });
+    let r = Router::start(&format!(
+        "[routes.\"blog.test\"]\nbackend = \"unix:{}\"\nterminate = {}\n",
+        path.display(),
+        w.terminate(None)
+    ))
+    .await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(r.addr).await.unwrap();
+    let mut s = tls_connect_over(tcp, "blog.test", w.pki.client_config(&[]))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut got = vec![0u8; N as usize];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut got))
+        .await
+        .expect("the last records never arrived")
+        .unwrap();
+    let mut want = vec![0u8; N as usize];
+    pattern(0, &mut want);
+    assert!(got == want, "the body differs");
+    let _ = done_tx.send(());
+    drop(s);
+    r.stop().await;
+}
