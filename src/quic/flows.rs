@@ -82,10 +82,11 @@ impl Udp {
             let mut bufs = cell.borrow_mut();
             let mut meta = [RecvMeta::default(); BATCH_SIZE];
             let n = {
-                let mut iovs: Vec<IoSliceMut<'_>> = bufs
-                    .iter_mut()
-                    .map(|b| IoSliceMut::new(&mut b[..]))
-                    .collect();
+                // On the stack: no allocation per recvmmsg (BUFS holds BATCH_SIZE buffers).
+                let mut it = bufs.iter_mut();
+                let mut iovs: [IoSliceMut<'_>; BATCH_SIZE] = std::array::from_fn(|_| {
+                    IoSliceMut::new(it.next().map(|b| &mut b[..]).unwrap_or_default())
+                });
                 match self.sock.try_io(Interest::READABLE, || {
                     self.state.recv((&self.sock).into(), &mut iovs, &mut meta)
                 }) {
@@ -191,6 +192,21 @@ struct Flow {
     cids: Mutex<Vec<Box<[u8]>>>,
 }
 
+impl Flow {
+    /// Counts `datagrams` sent towards the backend, `bytes` of them received.
+    fn sent_up(&self, datagrams: u64, bytes: usize) {
+        self.to_backend.0.fetch_add(datagrams, Ordering::Relaxed);
+        self.to_backend.1.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters.0.increment(datagrams);
+    }
+
+    fn sent_down(&self, datagrams: u64, bytes: usize) {
+        self.to_client.0.fetch_add(datagrams, Ordering::Relaxed);
+        self.to_client.1.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters.1.increment(datagrams);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Table {
     by_addr: HashMap<SocketAddr, Arc<Flow>>,
@@ -257,8 +273,8 @@ struct Pending {
 /// A finished upstream setup, sent back to the listener loop.
 struct Ready {
     client: SocketAddr,
-    result: Result<Udp, QuicReject>,
-    backend: SocketAddr,
+    /// The connected upstream socket and the address it is connected to.
+    result: Result<(Udp, SocketAddr), QuicReject>,
     route: Arc<Route>,
     sni: Option<String>,
 }
@@ -360,11 +376,7 @@ impl Engine {
         if let Some(flow) = self.known(first, src) {
             flow.last.store(now_ms(self.epoch), Ordering::Relaxed);
             let n = flow.upstream.send(flow.backend, d, stride, ecn);
-            flow.to_backend.0.fetch_add(n, Ordering::Relaxed);
-            flow.to_backend
-                .1
-                .fetch_add(d.len() as u64, Ordering::Relaxed);
-            flow.counters.0.increment(n);
+            flow.sent_up(n, d.len());
             return;
         }
         for seg in d.chunks(stride) {
@@ -391,12 +403,6 @@ impl Engine {
 
     /// A datagram from an address with no flow: part of a pending hello, or a new flow.
     fn datagram(&mut self, d: &[u8], src: SocketAddr) {
-        if let Some(flow) = self.known(d, src) {
-            // An earlier datagram of the same train started a flow that this one belongs to.
-            let n = flow.upstream.send(flow.backend, d, d.len().max(1), None);
-            flow.counters.0.increment(n);
-            return;
-        }
         if let Some(p) = self.pending.get_mut(&src) {
             if p.datagrams.len() >= MAX_PENDING_DATAGRAMS || p.bytes + d.len() > MAX_PENDING_BYTES {
                 self.fail_pending(src, QuicReject::Initial(InitialError::TooLarge));
@@ -460,7 +466,7 @@ impl Engine {
     fn route(&mut self, src: SocketAddr, hello: ClientHello) {
         let config = self.config();
         let route = config.routes.route(hello.sni.as_ref()).cloned();
-        let Some(route) = route.filter(|r| r.quic.is_some()) else {
+        let Some((route, addr)) = route.and_then(|r| r.quic.clone().map(|a| (r, a))) else {
             return self.fail_pending(src, QuicReject::NoRoute);
         };
         if !route.access.permits(src.ip()) {
@@ -484,28 +490,17 @@ impl Engine {
         if let Some(p) = self.pending.get_mut(&src) {
             p.starting = true;
         }
-        let Some(addr) = route.quic.clone() else {
-            return;
-        };
         let tx = self.ready_tx.clone();
         let sni = hello.sni.map(|n| n.as_str().to_owned());
         let timeout = config.timeouts.connect;
         self.tasks.spawn(async move {
-            let (result, backend) = match tokio::time::timeout(timeout, upstream(&addr)).await {
-                Ok(Ok((s, a))) => (Ok(s), a),
-                Ok(Err(e)) => (
-                    Err(QuicReject::Backend(format!("{addr}: {e}"))),
-                    unspecified(),
-                ),
-                Err(_) => (
-                    Err(QuicReject::Backend(format!("{addr}: resolving timed out"))),
-                    unspecified(),
-                ),
+            let result = match tokio::time::timeout(timeout, upstream(&addr)).await {
+                Ok(r) => r.map_err(|e| QuicReject::Backend(format!("{addr}: {e}"))),
+                Err(_) => Err(QuicReject::Backend(format!("{addr}: resolving timed out"))),
             };
             let _ = tx.send(Ready {
                 client: src,
                 result,
-                backend,
                 route,
                 sni,
             });
@@ -518,7 +513,7 @@ impl Engine {
             return;
         };
         self.forget_pending_ip(r.client);
-        let upstream = match r.result {
+        let (upstream, backend) = match r.result {
             Ok(s) => s,
             Err(e) => return self.reject(r.client, e, Some(&p.hello)),
         };
@@ -530,7 +525,7 @@ impl Engine {
             last: AtomicU64::new(now_ms(self.epoch)),
             route: r.route.label.clone(),
             sni: r.sni,
-            backend: r.backend,
+            backend,
             ip: ip_key(r.client.ip()),
             to_backend: (AtomicU64::new(0), AtomicU64::new(0)),
             to_client: (AtomicU64::new(0), AtomicU64::new(0)),
@@ -539,11 +534,7 @@ impl Engine {
         });
         for d in &p.datagrams {
             let n = flow.upstream.send(flow.backend, d, d.len().max(1), None);
-            flow.to_backend.0.fetch_add(n, Ordering::Relaxed);
-            flow.to_backend
-                .1
-                .fetch_add(d.len() as u64, Ordering::Relaxed);
-            flow.counters.0.increment(n);
+            flow.sent_up(n, d.len());
         }
         {
             let mut t = lock(&self.table);
@@ -553,13 +544,14 @@ impl Engine {
         }
         metrics::gauge!(m::QUIC_FLOWS_ACTIVE).increment(1.0);
         metrics::counter!(m::QUIC_FLOWS_TOTAL, "route" => label.to_string()).increment(1);
-        tracing::debug!(client = %r.client, route = %label, backend = %r.backend, "QUIC flow started");
-        let idle = self
-            .config()
+        tracing::debug!(client = %r.client, route = %label, %backend, "QUIC flow started");
+        let config = self.config();
+        let idle = config
             .quic
             .as_ref()
             .map_or(QuicConfig::default().idle, |q| q.idle);
-        let log = self.config().log_connections;
+        let log = config.log_connections;
+        drop(config);
         self.tasks.spawn(backend_to_client(
             flow,
             self.socket.clone(),
@@ -626,10 +618,6 @@ impl Engine {
             }
         }
     }
-}
-
-fn unspecified() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
 /// A connected UDP socket to the route's QUIC backend (host names resolved now).
@@ -724,16 +712,11 @@ fn pump(flow: &Arc<Flow>, socket: &Udp, table: &Mutex<Table>, epoch: Instant) {
                         learn(flow, table, cid);
                     }
                 }
-                let n = train.push(socket, to, d, stride, ecn);
-                flow.counters.1.increment(n);
-                flow.to_client.0.fetch_add(n, Ordering::Relaxed);
-                flow.to_client
-                    .1
-                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                // Datagrams are counted when they leave (a train may leave later, in a flush);
+                // bytes when they arrive.
+                flow.sent_down(train.push(socket, to, d, stride, ecn), d.len());
             });
-            let n = train.flush(socket);
-            flow.counters.1.increment(n);
-            flow.to_client.0.fetch_add(n, Ordering::Relaxed);
+            flow.sent_down(train.flush(socket), 0);
             flow.last.store(now_ms(epoch), Ordering::Relaxed);
             match r {
                 Ok(true) => {}
