@@ -49,6 +49,13 @@ pub enum Control {
     Shutdown,
 }
 
+/// The two kinds of listener a reload reconciles.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Tcp,
+    Quic,
+}
+
 struct AcceptLoop {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -187,9 +194,9 @@ impl Server {
         let result = Config::load(&path)
             .map_err(|e| e.to_string())
             .and_then(|new| {
-                self.reconcile_listeners(&new.listen)?;
+                self.reconcile(Kind::Tcp, &new.listen)?;
                 let quic = new.quic.as_ref().map_or(&[][..], |q| &q.listen[..]);
-                self.reconcile_quic(quic)?;
+                self.reconcile(Kind::Quic, quic)?;
                 let summary = new.summary();
                 self.shared.config.store(Arc::new(new));
                 self.acme_wake.notify_one();
@@ -221,40 +228,42 @@ impl Server {
         Ok(())
     }
 
-    /// `[quic] listen` on reload, as `listen` is for TCP: new addresses bound (a failure fails
-    /// the reload), dropped ones closed (their flows end; clients reconnect elsewhere).
-    fn reconcile_quic(&mut self, wanted: &[SocketAddr]) -> Result<(), String> {
-        if self.quic_activated {
+    /// Brings one kind of listener in line with the new config: new addresses bound (a failure
+    /// fails the reload), dropped ones closed (for QUIC their flows end). Nothing changes for
+    /// sockets that came from systemd.
+    fn reconcile(&mut self, kind: Kind, wanted: &[SocketAddr]) -> Result<(), String> {
+        let (activated, loops) = match kind {
+            Kind::Tcp => (self.activated, &self.loops),
+            Kind::Quic => (self.quic_activated, &self.quic_loops),
+        };
+        if activated {
             return Ok(());
         }
-        let current: Vec<SocketAddr> = self.quic_loops.keys().copied().collect();
+        let current: Vec<SocketAddr> = loops.keys().copied().collect();
         let (to_bind, removed) = plan(&current, wanted);
-        let bound = crate::listener::bind_udp_all(&to_bind).map_err(|e| e.to_string())?;
-        for s in bound {
-            self.start_quic(s).map_err(|e| e.to_string())?;
-        }
-        for a in removed {
-            if let Some(l) = self.quic_loops.remove(&a) {
-                tracing::info!(addr = %a, "no longer listening for QUIC");
-                l.stop.cancel();
+        let e = |e: io::Error| e.to_string();
+        match kind {
+            Kind::Tcp => {
+                for l in crate::listener::bind_all(&to_bind).map_err(e)? {
+                    self.start_loop(l).map_err(e)?;
+                }
+            }
+            Kind::Quic => {
+                for s in crate::listener::bind_udp_all(&to_bind).map_err(e)? {
+                    self.start_quic(s).map_err(e)?;
+                }
             }
         }
-        Ok(())
-    }
-
-    fn reconcile_listeners(&mut self, wanted: &[SocketAddr]) -> Result<(), String> {
-        if self.activated {
-            return Ok(());
-        }
-        let current: Vec<SocketAddr> = self.loops.keys().copied().collect();
-        let (to_bind, removed) = plan(&current, wanted);
-        let bound = crate::listener::bind_all(&to_bind).map_err(|e| e.to_string())?;
-        for l in bound {
-            self.start_loop(l).map_err(|e| e.to_string())?;
-        }
+        let loops = match kind {
+            Kind::Tcp => &mut self.loops,
+            Kind::Quic => &mut self.quic_loops,
+        };
         for a in removed {
-            if let Some(l) = self.loops.remove(&a) {
-                tracing::info!(addr = %a, "no longer listening");
+            if let Some(l) = loops.remove(&a) {
+                match kind {
+                    Kind::Tcp => tracing::info!(addr = %a, "no longer listening"),
+                    Kind::Quic => tracing::info!(addr = %a, "no longer listening for QUIC"),
+                }
                 l.stop.cancel();
             }
         }
