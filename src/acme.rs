@@ -83,14 +83,10 @@ impl ResolvesServerCert for Resolver {
 /// The server config of an `acme = true` route: its certificate is looked up per handshake, so
 /// a renewal takes effect for the next connection without a reload.
 pub fn server_config(name: &str, alpn: &[Vec<u8>]) -> Result<Arc<rustls::ServerConfig>, String> {
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Resolver(name.to_owned())));
-    config.alpn_protocols = alpn.to_vec();
-    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
-    Ok(Arc::new(config))
+    crate::tls::with_tickets(crate::tls::config_with(
+        Arc::new(Resolver(name.to_owned())),
+        alpn,
+    )?)
 }
 
 /// RFC 8737 section 3: a self-signed certificate for `name` carrying the critical
@@ -111,12 +107,8 @@ pub fn challenge_config(name: &str, digest: &[u8]) -> Result<Arc<rustls::ServerC
         .load_private_key(key_der)
         .map_err(|e| e.to_string())?;
     let certified = CertifiedKey::new(vec![cert.der().clone()], signer);
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
-    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(certified));
+    let config = crate::tls::config_with(resolver, &[ACME_TLS_ALPN.to_vec()])?;
     Ok(Arc::new(config))
 }
 
@@ -162,19 +154,10 @@ fn parse(name: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<Loaded, String>
         return Err(format!("the certificate does not name {name}"));
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("private key: {e:?}"))?;
-    let certified =
-        CertifiedKey::from_der(chain, key, &crate::tls::provider()).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => "the key does not match the certificate".into(),
-            e => format!("certificate and key: {e}"),
-        })?;
-    if let Err(e) = certified.keys_match() {
-        if matches!(
-            e,
-            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)
-        ) {
-            return Err("the key does not match the certificate".into());
-        }
-    }
+    let certified = crate::tls::certified_key(chain, key).map_err(|e| match e {
+        crate::tls::KeyError::Mismatch(_) => "the key does not match the certificate".to_owned(),
+        crate::tls::KeyError::Other(e) => format!("certificate and key: {e}"),
+    })?;
     Ok(Loaded {
         key: Arc::new(certified),
         not_before,

@@ -34,31 +34,61 @@ pub fn server_config(
     }
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("{}: {}", key.display(), pem_error(e)))?;
-    let provider = provider();
+    let certified = certified_key(chain, key_der).map_err(|e| match e {
+        KeyError::Mismatch(e) => {
+            format!("{} does not match {}: {e}", key.display(), cert.display())
+        }
+        KeyError::Other(e) => format!("{} / {}: {e}", cert.display(), key.display()),
+    })?;
+    let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(certified));
+    with_tickets(config_with(resolver, alpn)?)
+}
+
+/// Why a chain and a key do not make a usable certified key.
+#[derive(Debug)]
+pub enum KeyError {
+    /// The key is not the certificate's.
+    Mismatch(rustls::Error),
+    Other(rustls::Error),
+}
+
+/// A chain and its private key, checked to belong together: `from_der` tolerates "unknown"
+/// consistency, but a key we can check and that does not match must fail at load, not at the
+/// first handshake.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::sign::CertifiedKey, KeyError> {
     let certified =
-        rustls::sign::CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => {
-                format!("{} does not match {}", key.display(), cert.display())
-            }
-            e => format!("{} / {}: {e}", cert.display(), key.display()),
+        rustls::sign::CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => KeyError::Mismatch(e),
+            e => KeyError::Other(e),
         })?;
-    // from_der tolerates "unknown" consistency; a key we can check and that does not match the
-    // certificate must fail here, not at the first handshake.
-    if let Err(e @ rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
-        certified.keys_match()
-    {
-        return Err(format!(
-            "{} does not match {}: {e}",
-            key.display(),
-            cert.display()
-        ));
+    match certified.keys_match() {
+        Err(e @ rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(KeyError::Mismatch(e))
+        }
+        _ => Ok(certified),
     }
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+}
+
+/// The server config every terminated route uses (TLS 1.3 and 1.2, aws-lc-rs, no client
+/// auth), with certificates from `resolver` and `alpn` to negotiate.
+pub fn config_with(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: &[Vec<u8>],
+) -> Result<rustls::ServerConfig, String> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+        .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.to_vec();
+    Ok(config)
+}
+
+/// Adds stateless session tickets (what routes serving clients use).
+pub fn with_tickets(mut config: rustls::ServerConfig) -> Result<Arc<rustls::ServerConfig>, String> {
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
     Ok(Arc::new(config))
 }
