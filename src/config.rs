@@ -667,28 +667,7 @@ impl RawConfig {
                         "needs at least one address".into(),
                     ));
                 }
-                let mut out = Vec::new();
-                for (i, a) in list.get_ref().iter().enumerate() {
-                    let addr: SocketAddr = a.get_ref().parse().map_err(|_| {
-                        err(
-                            a.span(),
-                            format!("listen[{i}]"),
-                            format!(
-                                "{:?} is not an IP:PORT address (IPv6 in brackets: \"[::]:443\")",
-                                a.get_ref()
-                            ),
-                        )
-                    })?;
-                    if out.contains(&addr) {
-                        return Err(err(
-                            a.span(),
-                            format!("listen[{i}]"),
-                            format!("{addr} is listed twice"),
-                        ));
-                    }
-                    out.push(addr);
-                }
-                out
+                parse_addrs(list.get_ref(), "listen").map_err(|(sp, k, m)| err(sp, k, m))?
             }
         };
 
@@ -817,16 +796,8 @@ impl RawConfig {
                 &mut limits.max_handshakes,
             ),
         ] {
-            if let Some(v) = value {
-                if *v.get_ref() == 0 {
-                    return Err(err(
-                        v.span(),
-                        format!("limits.{name}"),
-                        "must be at least 1".into(),
-                    ));
-                }
-                *slot = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
-            }
+            set_count(value, &format!("limits.{name}"), slot)
+                .map_err(|(sp, k, m)| err(sp, k, m))?;
         }
 
         let quic = match self.quic {
@@ -835,23 +806,8 @@ impl RawConfig {
                 let q = q.into_inner();
                 let mut out = QuicConfig::default();
                 if let Some(list) = q.listen {
-                    for (i, a) in list.get_ref().iter().enumerate() {
-                        let addr: SocketAddr = a.get_ref().parse().map_err(|_| {
-                            err(
-                                a.span(),
-                                format!("quic.listen[{i}]"),
-                                format!("{:?} is not an IP:PORT address", a.get_ref()),
-                            )
-                        })?;
-                        if out.listen.contains(&addr) {
-                            return Err(err(
-                                a.span(),
-                                format!("quic.listen[{i}]"),
-                                format!("{addr} is listed twice"),
-                            ));
-                        }
-                        out.listen.push(addr);
-                    }
+                    out.listen = parse_addrs(list.get_ref(), "quic.listen")
+                        .map_err(|(sp, k, m)| err(sp, k, m))?;
                 }
                 if let Some(v) = q.idle {
                     if v.get_ref().0.is_zero() {
@@ -877,16 +833,8 @@ impl RawConfig {
                         &mut out.max_pending_per_ip,
                     ),
                 ] {
-                    if let Some(v) = value {
-                        if *v.get_ref() == 0 {
-                            return Err(err(
-                                v.span(),
-                                format!("quic.{name}"),
-                                "must be at least 1".into(),
-                            ));
-                        }
-                        *slot = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
-                    }
+                    set_count(value, &format!("quic.{name}"), slot)
+                        .map_err(|(sp, k, m)| err(sp, k, m))?;
                 }
                 Some(out)
             }
@@ -968,6 +916,43 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 }
 
 type SpannedError = (Range<usize>, String, String);
+
+/// A list of `IP:PORT` listen addresses (`key` is `listen` or `quic.listen`), without repeats.
+fn parse_addrs(list: &[Spanned<String>], key: &str) -> Result<Vec<SocketAddr>, SpannedError> {
+    let mut out = Vec::new();
+    for (i, a) in list.iter().enumerate() {
+        let addr: SocketAddr = a.get_ref().parse().map_err(|_| {
+            (
+                a.span(),
+                format!("{key}[{i}]"),
+                format!(
+                    "{:?} is not an IP:PORT address (IPv6 in brackets: \"[::]:443\")",
+                    a.get_ref()
+                ),
+            )
+        })?;
+        if out.contains(&addr) {
+            return Err((
+                a.span(),
+                format!("{key}[{i}]"),
+                format!("{addr} is listed twice"),
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+/// A count limit, when given: at least 1.
+fn set_count(value: Option<Spanned<u64>>, key: &str, slot: &mut usize) -> Result<(), SpannedError> {
+    if let Some(v) = value {
+        if *v.get_ref() == 0 {
+            return Err((v.span(), key.to_owned(), "must be at least 1".into()));
+        }
+        *slot = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
+    }
+    Ok(())
+}
 
 /// Context for turning raw route tables into routes.
 struct RouteCtx<'a> {
