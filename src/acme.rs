@@ -11,6 +11,7 @@
 //!   does not load (half-written, corrupted, expired, for another name) is replaced by a new order.
 
 use crate::config::{AcmeConfig, Config};
+use crate::lock;
 use crate::metrics as m;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
@@ -49,10 +50,6 @@ static STORE: LazyLock<Store> = LazyLock::new(Store::default);
 /// in them.
 pub fn store() -> &'static Store {
     &STORE
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Store {

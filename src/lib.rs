@@ -33,4 +33,10 @@ pub mod systemd;
 pub mod tls;
 
 pub use config::Config;
+
+/// Locks `m`, also when poisoned: a poisoned lock only means another task panicked in the middle
+/// of an update of plain data (maps, counters), which the next user can still work with.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 pub use server::{run, Control, Options};

@@ -13,6 +13,7 @@ use crate::config::{BackendAddr, Config, QuicConfig, Route};
 use crate::conn::Shared;
 use crate::hello::ClientHello;
 use crate::limits::ip_key;
+use crate::lock;
 use crate::metrics as m;
 use quinn_udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState, BATCH_SIZE};
 use std::cell::RefCell;
@@ -253,11 +254,6 @@ impl Table {
         }
         self.flows -= 1;
     }
-}
-
-/// A poisoned lock only means another task panicked mid-update of plain data; keep going.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Debug)]
