@@ -5,12 +5,15 @@
 # when the machine was busy before it. Prints one table with the spread across rounds.
 #
 # benches/compare.sh [--rounds N] [--bulk-mib N] [--conn-secs S] [--idle N] [--latency N]
-#                    [--workers N] [--smoke]
+#                    [--workers N] [--only LIST] [--targets LIST] [--smoke]
+# --only: comma-separated subset of the figures: conns,bulk,term,latency,idle (default: all).
+# --targets: comma-separated subset of direct,sniplex,sniplex2,haproxy,nginx (default: all).
 # --smoke: seconds-long run that only checks the script still works (CI).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 rounds=3 bulk_mib=1024 conn_secs=5 idle=5000 latency=300 workers=4 smoke=0
+only="conns,bulk,term,latency,idle" targets="direct,sniplex,haproxy,nginx,sniplex2"
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds=$2; shift 2 ;;
@@ -19,6 +22,8 @@ while [ $# -gt 0 ]; do
         --idle) idle=$2; shift 2 ;;
         --latency) latency=$2; shift 2 ;;
         --workers) workers=$2; shift 2 ;;
+        --only) only=$2; shift 2 ;;
+        --targets) targets=$2; shift 2 ;;
         --smoke) smoke=1; rounds=1 bulk_mib=16 conn_secs=1 idle=50 latency=20; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -204,7 +209,7 @@ quiet_machine() {
 
 declare -A R  # R[figure,target] = "v1 v2 ..." (one value per round)
 add() { R[$1,$2]="${R[$1,$2]:-} $3"; }
-targets="direct sniplex haproxy nginx"
+wants() { case ",$only," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 addr_of() { case $1 in direct) echo $be_port ;; sniplex) echo $sn_port ;; sniplex2) echo $sn_threads2_port ;; haproxy) echo $ha_port ;; nginx) echo $ng_port ;; nginx-term) echo $ngt_port ;; sniplex-term) echo $sn_port ;; esac; }
 pid_of() { case $1 in sniplex) echo $sniplex_pid ;; sniplex2) echo $sniplex2_pid ;; haproxy) echo $haproxy_pid ;; nginx|nginx-term) echo $ng_pid ;; sniplex-term) echo $sniplex_pid ;; *) echo "" ;; esac; }
 name_of() { case $1 in *-term) echo term.test ;; *) echo bench.test ;; esac; }
@@ -298,13 +303,13 @@ while [ "$round" -lt "$rounds" ]; do
     fi
     round=$((round + 1))
     # Rotate the order each round so no proxy always goes first.
-    order=$(echo $targets sniplex2 | tr ' ' '\n' | awk -v r="$round" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
+    order=$(echo "$targets" | tr ',' '\n' | awk -v r="$round" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
     echo "round $round: $(echo $order | tr '\n' ' ')" >&2
-    for t in $order; do measure_conns "$t"; done
-    for t in $order; do [ "$t" = sniplex2 ] || measure_bulk "$t"; done
-    for t in sniplex-term nginx-term; do measure_bulk "$t"; done
-    for t in $order; do case $t in direct|sniplex2) ;; *) measure_latency "$t" ;; esac; done
-    for t in $order; do case $t in direct|sniplex2) ;; *) measure_idle "$t" ;; esac; done
+    if wants conns; then for t in $order; do measure_conns "$t"; done; fi
+    if wants bulk; then for t in $order; do [ "$t" = sniplex2 ] || measure_bulk "$t"; done; fi
+    if wants term; then for t in sniplex-term nginx-term; do measure_bulk "$t"; done; fi
+    if wants latency; then for t in $order; do case $t in direct|sniplex2) ;; *) measure_latency "$t" ;; esac; done; fi
+    if wants idle; then for t in $order; do case $t in direct|sniplex2) ;; *) measure_idle "$t" ;; esac; done; fi
 done
 
 # --- the table: median across rounds, spread as min..max, ratios to direct and to the best peer ---
@@ -341,4 +346,4 @@ for fig in bulk_mib_per_s cpu_s_per_gib; do
     done
 done
 echo
-echo "compare: done ($rounds round(s)); reproduce with: benches/compare.sh --rounds $rounds --bulk-mib $bulk_mib --conn-secs $conn_secs --idle $idle --latency $latency --workers $workers"
+echo "compare: done ($rounds round(s)); reproduce with: benches/compare.sh --rounds $rounds --bulk-mib $bulk_mib --conn-secs $conn_secs --idle $idle --latency $latency --workers $workers --only $only --targets $targets"

@@ -112,6 +112,7 @@ pub struct Route {
     pub access: Access,
     /// `quic = "IP:PORT"`: where this name's QUIC flows (UDP) go. None: no QUIC flows.
     pub quic: Option<BackendAddr>,
+    pub metrics: crate::metrics::LazyRouteMetrics,
 }
 
 /// `allow` / `deny` of a route: who may reach it at all.
@@ -1083,6 +1084,7 @@ fn build_route(
         alpn: entries,
         access,
         quic,
+        metrics: Default::default(),
     })
 }
 

@@ -91,6 +91,11 @@ impl HelloReader {
         &self.raw
     }
 
+    /// Takes the bytes received so far (see [`buffered`](Self::buffered)).
+    pub fn into_buffered(self) -> Vec<u8> {
+        self.raw
+    }
+
     /// How many bytes of [`buffered`](Self::buffered) are whole records read so far. Once the
     /// hello is complete this is where the records holding it end; anything after it is the
     /// client's next bytes.

@@ -1,6 +1,10 @@
 //! The `sniplex` binary: CLI, logging, config loading, binding, signals. Everything else is in
 //! the library.
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sniplex::config::{Config, DEFAULT_PATH};

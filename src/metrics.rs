@@ -33,6 +33,64 @@ pub const QUIC_DATAGRAMS_TOTAL: &str = "sniplex_quic_datagrams_total";
 /// Route label before a route is known.
 pub const NO_ROUTE: &str = "none";
 
+/// Outcomes of a forwarded connection (`sniplex_connections_total{outcome}`), whose counters
+/// each route keeps a handle to.
+const FORWARDED_OUTCOMES: [&str; 5] = [
+    "ok",
+    "idle_timeout",
+    "shutdown",
+    "client_error",
+    "backend_error",
+];
+
+/// One route's metric handles. A connection updates them directly: no registry lookup (a hash
+/// and a lock) and no label string allocated per connection.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    pub bytes_up: metrics::Counter,
+    pub bytes_down: metrics::Counter,
+    pub active: metrics::Gauge,
+    pub connect_seconds: metrics::Histogram,
+    forwarded: [metrics::Counter; FORWARDED_OUTCOMES.len()],
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> Self {
+        let bytes = |dir: &'static str| metrics::counter!(BYTES_TOTAL, "route" => route.to_owned(), "direction" => dir);
+        RouteMetrics {
+            bytes_up: bytes("client_to_backend"),
+            bytes_down: bytes("backend_to_client"),
+            active: metrics::gauge!(CONNECTIONS_ACTIVE, "route" => route.to_owned()),
+            connect_seconds: metrics::histogram!(BACKEND_CONNECT_SECONDS, "route" => route.to_owned()),
+            forwarded: FORWARDED_OUTCOMES.map(|outcome| {
+                metrics::counter!(CONNECTIONS_TOTAL, "route" => route.to_owned(), "outcome" => outcome)
+            }),
+        }
+    }
+
+    /// `sniplex_connections_total{route, outcome}`.
+    pub fn count_connection(&self, route: &str, outcome: &'static str) {
+        match FORWARDED_OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => self.forwarded[i].increment(1),
+            None => metrics::counter!(CONNECTIONS_TOTAL, "route" => route.to_owned(), "outcome" => outcome)
+                .increment(1),
+        }
+    }
+}
+
+/// A route's [`RouteMetrics`], registered on its first connection (not when the config is
+/// read: `check` and the first load run before the recorder is installed, and handles taken then
+/// would be no-ops for good).
+#[derive(Debug, Clone, Default)]
+pub struct LazyRouteMetrics(std::sync::OnceLock<std::sync::Arc<RouteMetrics>>);
+
+impl LazyRouteMetrics {
+    pub fn get(&self, route: &str) -> &std::sync::Arc<RouteMetrics> {
+        self.0
+            .get_or_init(|| std::sync::Arc::new(RouteMetrics::new(route)))
+    }
+}
+
 /// Latency buckets (seconds) for hello and connect times: 100 us to 10 s.
 const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

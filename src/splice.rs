@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UnixStream};
@@ -236,31 +237,44 @@ pub enum End {
 
 /// Bytes moved, counted as they move (valid however forwarding ended). With metrics attached,
 /// each chunk also lands in `sniplex_bytes_total` (an atomic add, no syscall).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     pub client_to_backend: AtomicU64,
     pub backend_to_client: AtomicU64,
+    /// When the connection was accepted; `last_ms` counts from here.
+    start: Instant,
     /// Milliseconds since `start` of the last byte moved in either direction.
     last_ms: AtomicU64,
-    metrics: std::sync::OnceLock<(metrics::Counter, metrics::Counter)>,
+    metrics: std::sync::OnceLock<std::sync::Arc<crate::metrics::RouteMetrics>>,
     /// Set when the client (resp. backend) has sent EOF: that direction is finished.
     up_done: std::sync::atomic::AtomicBool,
     down_done: std::sync::atomic::AtomicBool,
 }
 
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            client_to_backend: AtomicU64::new(0),
+            backend_to_client: AtomicU64::new(0),
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            metrics: std::sync::OnceLock::new(),
+            up_done: Default::default(),
+            down_done: Default::default(),
+        }
+    }
+}
+
 impl Counters {
-    /// Starts feeding `sniplex_bytes_total{route,direction}` for this connection.
-    pub fn attach_metrics(&self, route: &str) {
-        let c = |dir: &'static str| metrics::counter!(crate::metrics::BYTES_TOTAL, "route" => route.to_owned(), "direction" => dir);
-        let _ = self
-            .metrics
-            .set((c("client_to_backend"), c("backend_to_client")));
+    /// Starts feeding the route's `sniplex_bytes_total{route,direction}`.
+    pub fn attach_metrics(&self, route: &std::sync::Arc<crate::metrics::RouteMetrics>) {
+        let _ = self.metrics.set(route.clone());
     }
 
     pub fn add_up(&self, n: u64) {
         self.client_to_backend.fetch_add(n, Ordering::Relaxed);
-        if let Some((up, _)) = self.metrics.get() {
-            up.increment(n);
+        if let Some(m) = self.metrics.get() {
+            m.bytes_up.increment(n);
         }
     }
 
@@ -269,15 +283,26 @@ impl Counters {
             self.add_up(n);
         } else {
             self.backend_to_client.fetch_add(n, Ordering::Relaxed);
-            if let Some((_, down)) = self.metrics.get() {
-                down.increment(n);
+            if let Some(m) = self.metrics.get() {
+                m.bytes_down.increment(n);
             }
         }
     }
 
-    fn touch(&self, start: Instant) {
-        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    /// Records that a byte moved now.
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the connection was accepted.
+    pub fn age(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// When the last byte moved (or forwarding started).
+    fn last_activity(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
     pub fn up(&self) -> u64 {
@@ -315,14 +340,32 @@ impl Dir<'_> {
     }
 }
 
+/// One direction of a connection, as seen by its forwarding loop.
+#[derive(Clone, Copy)]
 struct Dir<'a> {
     /// Client to backend.
     up: bool,
     counters: &'a Counters,
-    start: Instant,
-    /// Side blamed for read errors; the other side is blamed for write errors.
-    src: Side,
-    dst: Side,
+}
+
+impl Dir<'_> {
+    /// Side blamed for read errors.
+    fn src(&self) -> Side {
+        if self.up {
+            Side::Client
+        } else {
+            Side::Backend
+        }
+    }
+
+    /// Side blamed for write errors.
+    fn dst(&self) -> Side {
+        if self.up {
+            Side::Backend
+        } else {
+            Side::Client
+        }
+    }
 }
 
 fn shutdown_write(fd: BorrowedFd<'_>) {
@@ -330,75 +373,133 @@ fn shutdown_write(fd: BorrowedFd<'_>) {
     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
 }
 
-/// Moves bytes src -> dst with splice until src's EOF, then half-closes dst.
-async fn splice_dir<S: SpliceSocket, D: SpliceSocket>(
+/// How one direction of a socket pair moves its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// socket -> pipe -> socket.
+    Splice,
+    /// read/write through a pooled buffer.
+    Copy,
+}
+
+/// What one direction holds while bytes are in flight: a pipe, or a buffer with the number of
+/// bytes in it. Borrowed from the pool when the source turns readable, given back when it is
+/// drained, so an idle direction holds neither.
+enum Chunk {
+    Pipe(Pipe),
+    /// `once`: a splice direction that could not get a pipe (out of file descriptors) moves one
+    /// read through the buffer, then tries for a pipe again.
+    Buf {
+        buf: Box<[u8]>,
+        once: bool,
+    },
+}
+
+impl Chunk {
+    /// Moves what src has into the chunk (it is empty). `WouldBlock` clears src's readiness:
+    /// for a pipe that is right because it is empty; a buffer read that comes back short clears
+    /// it at once (see [`read_draining`]).
+    fn fill<S: SpliceSocket>(&mut self, src: &S) -> io::Result<usize> {
+        match self {
+            Chunk::Pipe(pipe) => src.try_io_with(Interest::READABLE, || {
+                nix::fcntl::splice(src.as_fd(), None, &pipe.w, None, pipe.size, SPLICE_FLAGS)
+                    .map_err(io::Error::from)
+            }),
+            Chunk::Buf { buf, .. } => read_draining(src, buf),
+        }
+    }
+
+    /// Writes the last `left` of the `n` bytes filled to dst. `WouldBlock` means dst is full.
+    fn drain<D: SpliceSocket>(&self, dst: &D, n: usize, left: usize) -> io::Result<usize> {
+        dst.try_io_with(Interest::WRITABLE, || match self {
+            Chunk::Pipe(pipe) => {
+                nix::fcntl::splice(&pipe.r, None, dst.as_fd(), None, left, SPLICE_FLAGS)
+                    .map_err(io::Error::from)
+            }
+            Chunk::Buf { buf, .. } => {
+                nix::unistd::write(dst.as_fd(), &buf[n - left..n]).map_err(io::Error::from)
+            }
+        })
+    }
+
+    /// Back to the pool. Only an empty pipe may be reused: one with bytes left in it (a failed
+    /// write) is closed instead.
+    fn give_back(self, pool: &PipePool, empty: bool) {
+        match self {
+            Chunk::Pipe(pipe) if empty => pool.put(pipe),
+            Chunk::Pipe(_) => {}
+            Chunk::Buf { buf, .. } => pool.put_buf(buf),
+        }
+    }
+}
+
+const SPLICE_FLAGS: SpliceFFlags =
+    SpliceFFlags::SPLICE_F_NONBLOCK.union(SpliceFFlags::SPLICE_F_MOVE);
+
+/// Moves bytes src -> dst until src's EOF, then half-closes dst. One flat loop (no nested
+/// futures): its state is part of what every open connection holds.
+async fn pump<S: SpliceSocket, D: SpliceSocket>(
     src: &S,
     dst: &D,
     pool: &PipePool,
     d: Dir<'_>,
+    via: Via,
 ) -> Result<(), (Side, io::Error)> {
-    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
         src.ready_for(Interest::READABLE)
             .await
-            .map_err(|e| (d.src, e))?;
-        let pipe = match pool.get() {
-            Ok(p) => p,
-            // Out of file descriptors: no pipe to be had, but the connection must live on. This
-            // chunk goes through a buffer instead; the next one tries for a pipe again.
-            Err(e) if is_fd_exhaustion(&e) => {
-                // Boxed: a rare path must not grow every connection.
-                if Box::pin(copy_chunk(src, dst, pool, &d)).await? {
-                    return Ok(());
-                }
-                continue;
-            }
-            Err(e) => return Err((d.src, e)),
+            .map_err(|e| (d.src(), e))?;
+        let mut chunk = match via {
+            Via::Copy => Chunk::Buf {
+                buf: pool.get_buf(),
+                once: false,
+            },
+            Via::Splice => match pool.get() {
+                Ok(p) => Chunk::Pipe(p),
+                // Out of file descriptors: no pipe to be had, but the connection must live
+                // on. This chunk goes through a buffer instead.
+                Err(e) if is_fd_exhaustion(&e) => Chunk::Buf {
+                    buf: pool.get_buf(),
+                    once: true,
+                },
+                Err(e) => return Err((d.src(), e)),
+            },
         };
-        // The pipe is empty here, so EAGAIN from this splice means the socket is drained and
-        // clearing the socket's read readiness is correct.
-        loop {
-            let n = match src.try_io_with(Interest::READABLE, || {
-                nix::fcntl::splice(src.as_fd(), None, &pipe.w, None, pipe.size, flags)
-                    .map_err(io::Error::from)
-            }) {
+        // Ok(true): this direction is over. Ok(false): src is drained for now.
+        let (r, empty) = 'chunk: loop {
+            let n = match chunk.fill(src) {
                 Ok(0) => {
-                    pool.put(pipe);
                     d.finished();
                     shutdown_write(dst.as_fd());
-                    return Ok(());
+                    break (Ok(true), true);
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    pool.put(pipe);
-                    break;
-                }
-                Err(e) => {
-                    pool.put(pipe);
-                    return Err((d.src, e));
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break (Ok(false), true),
+                Err(e) => break (Err((d.src(), e)), true),
             };
             d.counters.add(d.up, n as u64);
-            d.counters.touch(d.start);
-            // The pipe holds n bytes here, so EAGAIN means the destination socket is full.
+            d.counters.touch();
             let mut left = n;
             while left > 0 {
-                dst.ready_for(Interest::WRITABLE)
-                    .await
-                    .map_err(|e| (d.dst, e))?;
-                match dst.try_io_with(Interest::WRITABLE, || {
-                    nix::fcntl::splice(&pipe.r, None, dst.as_fd(), None, left, flags)
-                        .map_err(io::Error::from)
-                }) {
-                    Ok(0) => return Err((d.dst, io::ErrorKind::WriteZero.into())),
+                if let Err(e) = dst.ready_for(Interest::WRITABLE).await {
+                    break 'chunk (Err((d.dst(), e)), false);
+                }
+                match chunk.drain(dst, n, left) {
+                    Ok(0) => break 'chunk (Err((d.dst(), io::ErrorKind::WriteZero.into())), false),
                     Ok(m) => left -= m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // A pipe with bytes left in it is dropped here, never pooled.
-                    Err(e) if d.peer_left(&e) => return Ok(()),
-                    Err(e) => return Err((d.dst, e)),
+                    Err(e) if d.peer_left(&e) => break 'chunk (Ok(true), false),
+                    Err(e) => break 'chunk (Err((d.dst(), e)), false),
                 }
             }
-            d.counters.touch(d.start);
+            d.counters.touch();
+            if matches!(chunk, Chunk::Buf { once: true, .. }) {
+                break (Ok(false), true);
+            }
+        };
+        chunk.give_back(pool, empty);
+        if r? {
+            return Ok(());
         }
     }
 }
@@ -429,20 +530,6 @@ pub fn read_draining<S: SpliceSocket>(s: &S, buf: &mut [u8]) -> io::Result<usize
     }
 }
 
-/// Moves one chunk src -> dst with read/write through a pooled buffer (the splice path's
-/// fallback when no pipe can be created). Returns true at src's EOF, after half-closing dst.
-async fn copy_chunk<S: SpliceSocket, D: SpliceSocket>(
-    src: &S,
-    dst: &D,
-    pool: &PipePool,
-    d: &Dir<'_>,
-) -> Result<bool, (Side, io::Error)> {
-    let mut buf = pool.get_buf();
-    let r = copy_while_readable(src, dst, &mut buf, d, true).await;
-    pool.put_buf(buf);
-    r
-}
-
 /// Writes all of `buf` to a socket whose readiness tokio tracks. Returns true when the peer has
 /// left (see [`Dir::peer_left`]): the direction is over, normally.
 async fn write_all_sock<D: SpliceSocket>(
@@ -454,70 +541,17 @@ async fn write_all_sock<D: SpliceSocket>(
     while off < buf.len() {
         dst.ready_for(Interest::WRITABLE)
             .await
-            .map_err(|e| (d.dst, e))?;
+            .map_err(|e| (d.dst(), e))?;
         match dst.try_io_with(Interest::WRITABLE, || {
             nix::unistd::write(dst.as_fd(), &buf[off..]).map_err(io::Error::from)
         }) {
             Ok(m) => off += m,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if d.peer_left(&e) => return Ok(true),
-            Err(e) => return Err((d.dst, e)),
+            Err(e) => return Err((d.dst(), e)),
         }
     }
     Ok(false)
-}
-
-/// Reads from src and writes everything to dst until src would block (or, with `once`, after
-/// one read). Returns true at src's EOF, after half-closing dst.
-async fn copy_while_readable<S: SpliceSocket, D: SpliceSocket>(
-    src: &S,
-    dst: &D,
-    buf: &mut [u8],
-    d: &Dir<'_>,
-    once: bool,
-) -> Result<bool, (Side, io::Error)> {
-    loop {
-        let n = match read_draining(src, buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err((d.src, e)),
-        };
-        if n == 0 {
-            d.finished();
-            shutdown_write(dst.as_fd());
-            return Ok(true);
-        }
-        d.counters.add(d.up, n as u64);
-        d.counters.touch(d.start);
-        if write_all_sock(dst, &buf[..n], d).await? {
-            return Ok(true);
-        }
-        d.counters.touch(d.start);
-        if once {
-            return Ok(false);
-        }
-    }
-}
-
-/// Moves bytes src -> dst with read/write through a buffer borrowed from the pool only while
-/// src has data, until src's EOF; then half-closes dst.
-async fn copy_sock_dir<S: SpliceSocket, D: SpliceSocket>(
-    src: &S,
-    dst: &D,
-    pool: &PipePool,
-    d: Dir<'_>,
-) -> Result<(), (Side, io::Error)> {
-    loop {
-        src.ready_for(Interest::READABLE)
-            .await
-            .map_err(|e| (d.src, e))?;
-        let mut buf = pool.get_buf();
-        let r = copy_while_readable(src, dst, &mut buf, &d, false).await;
-        pool.put_buf(buf);
-        if r? {
-            return Ok(());
-        }
-    }
 }
 
 /// Moves bytes src -> dst through a user-space buffer until src's EOF, then half-closes dst.
@@ -528,7 +562,7 @@ async fn copy_dir<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 ) -> Result<(), (Side, io::Error)> {
     let mut buf = vec![0u8; COPY_BUF];
     loop {
-        let n = src.read(&mut buf).await.map_err(|e| (d.src, e))?;
+        let n = src.read(&mut buf).await.map_err(|e| (d.src(), e))?;
         if n == 0 {
             d.finished();
             // The peer may already be gone; its EOF is all we had to deliver.
@@ -536,13 +570,13 @@ async fn copy_dir<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             return Ok(());
         }
         d.counters.add(d.up, n as u64);
-        d.counters.touch(d.start);
+        d.counters.touch();
         match dst.write_all(&buf[..n]).await {
             Ok(()) => {}
             Err(e) if d.peer_left(&e) => return Ok(()),
-            Err(e) => return Err((d.dst, e)),
+            Err(e) => return Err((d.dst(), e)),
         }
-        d.counters.touch(d.start);
+        d.counters.touch();
     }
 }
 
@@ -557,7 +591,7 @@ async fn sock_to_stream<S: SpliceSocket, W: AsyncWrite + Unpin>(
     loop {
         src.ready_for(Interest::READABLE)
             .await
-            .map_err(|e| (d.src, e))?;
+            .map_err(|e| (d.src(), e))?;
         let mut buf = pool.get_buf();
         let r = async {
             loop {
@@ -571,10 +605,10 @@ async fn sock_to_stream<S: SpliceSocket, W: AsyncWrite + Unpin>(
                         return match dst.flush().await {
                             Ok(()) => Ok(false),
                             Err(e) if d.peer_left(&e) => Ok(true),
-                            Err(e) => Err((d.dst, e)),
+                            Err(e) => Err((d.dst(), e)),
                         };
                     }
-                    Err(e) => return Err((d.src, e)),
+                    Err(e) => return Err((d.src(), e)),
                 };
                 if n == 0 {
                     d.finished();
@@ -582,13 +616,13 @@ async fn sock_to_stream<S: SpliceSocket, W: AsyncWrite + Unpin>(
                     return Ok(true);
                 }
                 d.counters.add(d.up, n as u64);
-                d.counters.touch(d.start);
+                d.counters.touch();
                 match dst.write_all(&buf[..n]).await {
                     Ok(()) => {}
                     Err(e) if d.peer_left(&e) => return Ok(true),
-                    Err(e) => return Err((d.dst, e)),
+                    Err(e) => return Err((d.dst(), e)),
                 }
-                d.counters.touch(d.start);
+                d.counters.touch();
             }
         }
         .await;
@@ -609,18 +643,18 @@ async fn stream_to_sock<R: AsyncRead + Unpin, D: SpliceSocket>(
 ) -> Result<(), (Side, io::Error)> {
     let mut buf = vec![0u8; TLS_RECORD_PLAINTEXT];
     loop {
-        let n = src.read(&mut buf).await.map_err(|e| (d.src, e))?;
+        let n = src.read(&mut buf).await.map_err(|e| (d.src(), e))?;
         if n == 0 {
             d.finished();
             shutdown_write(dst.as_fd());
             return Ok(());
         }
         d.counters.add(d.up, n as u64);
-        d.counters.touch(d.start);
+        d.counters.touch();
         if write_all_sock(dst, &buf[..n], &d).await? {
             return Ok(());
         }
-        d.counters.touch(d.start);
+        d.counters.touch();
     }
 }
 
@@ -636,29 +670,11 @@ pub async fn forward_terminated<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let (up, down) = dirs(counters, start);
+    let (up, down) = dirs(counters);
     let (mut cr, mut cw) = tokio::io::split(client);
-    let both = async {
-        tokio::try_join!(
-            stream_to_sock(&mut cr, backend, up),
-            sock_to_stream(backend, &mut cw, pool, down)
-        )
-    };
-    tokio::pin!(both);
-    drive(both, counters, start, limits).await
-}
-
-/// Resolves when no byte has moved for `idle`.
-async fn idle_watch(counters: &Counters, start: Instant, idle: Duration) {
-    loop {
-        let last = start + Duration::from_millis(counters.last_ms.load(Ordering::Relaxed));
-        let deadline = last + idle;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
+    let up_f = stream_to_sock(&mut cr, backend, up);
+    let down_f = sock_to_stream(backend, &mut cw, pool, down);
+    Drive::new(up_f, down_f, counters, limits).await
 }
 
 /// Limits shared by both forwarding paths.
@@ -668,75 +684,161 @@ pub struct Limits<'a> {
     pub cancel: &'a CancellationToken,
 }
 
-fn dirs(counters: &Counters, start: Instant) -> (Dir<'_>, Dir<'_>) {
-    counters.touch(start);
-    let up = Dir {
-        up: true,
-        counters,
-        start,
-        src: Side::Client,
-        dst: Side::Backend,
-    };
-    let down = Dir {
-        up: false,
-        counters,
-        start,
-        src: Side::Backend,
-        dst: Side::Client,
-    };
-    (up, down)
+/// The two directions of a connection whose forwarding starts now.
+fn dirs(counters: &Counters) -> (Dir<'_>, Dir<'_>) {
+    counters.touch();
+    (
+        Dir { up: true, counters },
+        Dir {
+            up: false,
+            counters,
+        },
+    )
 }
 
-/// Runs both directions against the idle timeout and the shutdown deadline. Takes the
-/// directions pinned in the caller's frame: a future moved into another future is stored twice,
-/// and this one is what every open connection holds for its whole life.
-async fn drive(
-    both: std::pin::Pin<
-        &mut impl std::future::Future<Output = Result<((), ()), (Side, io::Error)>>,
-    >,
-    counters: &Counters,
-    start: Instant,
-    limits: Limits<'_>,
-) -> End {
-    tokio::select! {
-        r = both => match r {
-            Ok(_) => End::Done,
-            Err((side, e)) => End::Error(side, e),
+pin_project_lite::pin_project! {
+    /// Both directions of a connection, run until both have ended or one fails, no byte has
+    /// moved for the idle timeout, or the shutdown deadline passes. Written by hand rather than
+    /// as a join inside a select: its state is what every open connection holds for its whole
+    /// life, and this is that state with nothing added (two directions, one timer, one wait for
+    /// cancellation).
+    pub struct Drive<'a, U, D> {
+        #[pin]
+        up: U,
+        #[pin]
+        down: D,
+        #[pin]
+        idle: tokio::time::Sleep,
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
+        counters: &'a Counters,
+        idle_after: Duration,
+        up_open: bool,
+        down_open: bool,
+    }
+}
+
+impl<'a, U, D> Drive<'a, U, D> {
+    fn new(up: U, down: D, counters: &'a Counters, limits: Limits<'a>) -> Self {
+        Drive {
+            up,
+            down,
+            idle: tokio::time::sleep(limits.idle),
+            cancelled: limits.cancel.cancelled(),
+            counters,
+            idle_after: limits.idle,
+            up_open: true,
+            down_open: true,
+        }
+    }
+}
+
+impl<U, D> std::future::Future for Drive<'_, U, D>
+where
+    U: std::future::Future<Output = DirResult>,
+    D: std::future::Future<Output = DirResult>,
+{
+    type Output = End;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<End> {
+        let mut this = self.project();
+        // A finished direction is never polled again.
+        if *this.up_open {
+            if let Poll::Ready(r) = this.up.poll(cx) {
+                if let Err((side, e)) = r {
+                    return Poll::Ready(End::Error(side, e));
+                }
+                *this.up_open = false;
+            }
+        }
+        if *this.down_open {
+            if let Poll::Ready(r) = this.down.poll(cx) {
+                if let Err((side, e)) = r {
+                    return Poll::Ready(End::Error(side, e));
+                }
+                *this.down_open = false;
+            }
+        }
+        if !*this.up_open && !*this.down_open {
+            return Poll::Ready(End::Done);
+        }
+        if this.cancelled.poll(cx).is_ready() {
+            return Poll::Ready(End::Cancelled);
+        }
+        // One timer, re-armed to the last byte's time + idle whenever it fires early.
+        while this.idle.as_mut().poll(cx).is_ready() {
+            let deadline = this.counters.last_activity() + *this.idle_after;
+            if Instant::now() >= deadline {
+                return Poll::Ready(End::Idle);
+            }
+            this.idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+type DirResult = Result<(), (Side, io::Error)>;
+
+pin_project_lite::pin_project! {
+    /// What [`forward`] returns: the splice path inline (it is what open connections hold), the
+    /// copy path boxed.
+    #[project = ForwardProj]
+    pub enum Forward<'a, U, D> {
+        Splice {
+            #[pin]
+            drive: Drive<'a, U, D>,
         },
-        _ = idle_watch(counters, start, limits.idle) => End::Idle,
-        _ = limits.cancel.cancelled() => End::Cancelled,
+        Copy {
+            boxed: std::pin::Pin<Box<dyn std::future::Future<Output = End> + Send + 'a>>,
+        },
+    }
+}
+
+impl<U, D> std::future::Future for Forward<'_, U, D>
+where
+    U: std::future::Future<Output = DirResult>,
+    D: std::future::Future<Output = DirResult>,
+{
+    type Output = End;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<End> {
+        match self.project() {
+            ForwardProj::Splice { drive } => drive.poll(cx),
+            ForwardProj::Copy { boxed } => boxed.as_mut().poll(cx),
+        }
     }
 }
 
 /// Forwards between a client socket and a backend socket until both directions end, the idle
 /// timeout fires or `cancel` is triggered: by splice, or through a buffer in `Copy` mode.
-pub async fn forward(
-    client: &mut TcpStream,
-    backend: &mut BackendStream,
+pub fn forward<'a>(
+    client: &'a mut TcpStream,
+    backend: &'a mut BackendStream,
     mode: ForwardMode,
-    pool: &PipePool,
-    limits: Limits<'_>,
-    counters: &Counters,
-) -> End {
+    pool: &'a PipePool,
+    limits: Limits<'a>,
+    counters: &'a Counters,
+) -> impl std::future::Future<Output = End> + Send + 'a {
     if mode == ForwardMode::Copy {
         // Boxed so that its (larger) state does not size the splice path's future.
-        return Box::pin(forward_copy(client, backend, limits, counters)).await;
+        return Forward::Copy {
+            boxed: Box::pin(forward_copy(client, backend, limits, counters)),
+        };
     }
-    let start = Instant::now();
-    let (up, down) = dirs(counters, start);
+    let (up, down) = dirs(counters);
     let (c, b) = (&*client, &*backend);
-    let copy_down = mode == ForwardMode::Auto && matches!(b, BackendStream::Unix(_));
-    let both = async {
-        tokio::try_join!(splice_dir(c, b, pool, up), async {
-            if copy_down {
-                copy_sock_dir(b, c, pool, down).await
-            } else {
-                splice_dir(b, c, pool, down).await
-            }
-        })
+    let down_via = match (mode, b) {
+        (ForwardMode::Auto, BackendStream::Unix(_)) => Via::Copy,
+        _ => Via::Splice,
     };
-    tokio::pin!(both);
-    drive(both, counters, start, limits).await
+    Forward::Splice {
+        drive: Drive::new(
+            pump(c, b, pool, up, Via::Splice),
+            pump(b, c, pool, down, down_via),
+            counters,
+            limits,
+        ),
+    }
 }
 
 /// The copy path, for any pair of streams (a terminated TLS stream cannot be spliced).
@@ -750,18 +852,12 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let (up, down) = dirs(counters, start);
+    let (up, down) = dirs(counters);
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut br, mut bw) = tokio::io::split(backend);
-    let both = async {
-        tokio::try_join!(
-            copy_dir(&mut cr, &mut bw, up),
-            copy_dir(&mut br, &mut cw, down)
-        )
-    };
-    tokio::pin!(both);
-    drive(both, counters, start, limits).await
+    let up_f = copy_dir(&mut cr, &mut bw, up);
+    let down_f = copy_dir(&mut br, &mut cw, down);
+    Drive::new(up_f, down_f, counters, limits).await
 }
 
 #[cfg(test)]
@@ -777,8 +873,7 @@ mod size_tests {
         let (out, mut reader) = UnixStream::pair().unwrap();
         let pool = PipePool::new();
         let counters = Counters::default();
-        let start = Instant::now();
-        let (_, down) = dirs(&counters, start);
+        let (_, down) = dirs(&counters);
         let mut dst = tokio::io::BufWriter::with_capacity(64 * 1024, out);
         let task = async { sock_to_stream(&src, &mut dst, &pool, down).await };
         let check = async {
@@ -806,13 +901,10 @@ mod size_tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let pool = PipePool::new();
         let counters = Counters::default();
-        let start = Instant::now();
-        let (up, down) = dirs(&counters, start);
-        let f1 = splice_dir(&a, &b, &pool, up);
-        let f2 = copy_sock_dir(&b, &a, &pool, down);
+        let (up, down) = dirs(&counters);
+        let f1 = pump(&a, &b, &pool, up, Via::Splice);
+        let f2 = pump(&b, &a, &pool, down, Via::Copy);
         let cancel = CancellationToken::new();
-        let f3 = idle_watch(&counters, start, Duration::from_secs(1));
-        let f4 = cancel.cancelled();
         let f5 = a.ready_for(Interest::READABLE);
         let std_c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         std_c.set_nonblocking(true).unwrap();
@@ -825,7 +917,7 @@ mod size_tests {
         let f6 = forward(&mut c, &mut bs, ForwardMode::Auto, &pool, limits, &counters);
         eprintln!("forward {}", std::mem::size_of_val(&f6));
         assert!(
-            std::mem::size_of_val(&f6) <= 1536,
+            std::mem::size_of_val(&f6) <= 576,
             "forward future is {} bytes",
             std::mem::size_of_val(&f6)
         );
@@ -835,11 +927,9 @@ mod size_tests {
             std::mem::size_of_val(&f5)
         );
         eprintln!(
-            "splice_dir {} copy_sock_dir {} idle_watch {} cancelled {} ready_for {}",
+            "pump {} {} ready_for {}",
             std::mem::size_of_val(&f1),
             std::mem::size_of_val(&f2),
-            std::mem::size_of_val(&f3),
-            std::mem::size_of_val(&f4),
             std::mem::size_of_val(&f5)
         );
     }
