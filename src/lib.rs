@@ -3,7 +3,7 @@
 //! Data flows one way through the crate:
 //!
 //! ```text
-//! listener (bind) -> server (accept, limits, shutdown) -> conn:
+//! listener (bind) -> server (accept on every worker, limits, shutdown) -> conn:
 //!     hello (read ClientHello) -> router (route by SNI) -> backend (connect)
 //!     -> splice (forward both ways, zero-copy) -> outcome (log)
 //! ```
@@ -31,6 +31,7 @@ pub mod server;
 pub mod splice;
 pub mod systemd;
 pub mod tls;
+pub mod workers;
 
 pub use config::Config;
 

@@ -133,15 +133,10 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
     let threads = threads
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // One thread: the current-thread scheduler does the same work without cross-thread
-    // wake-ups, work stealing or an inject queue (measured cheaper per connection).
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
-        b
-    };
+    // The main thread runs a single-threaded runtime for signals, reload, ACME, QUIC and the
+    // metrics endpoint; with more than one thread, TCP connections run on that many workers,
+    // each a single-threaded runtime of its own (see `sniplex::workers`).
+    let mut builder = tokio::runtime::Builder::new_current_thread();
     let runtime = builder
         .enable_all()
         .thread_name("sniplex")
@@ -155,6 +150,7 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
             metrics,
             quic,
             quic_activated,
+            workers: threads,
             ..Default::default()
         };
         sniplex::run(config, listeners, options, rx).await?;

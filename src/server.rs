@@ -39,6 +39,9 @@ pub struct Options {
     pub quic: Vec<std::net::UdpSocket>,
     /// The UDP sockets came from systemd: `[quic] listen` is ignored, also on reload.
     pub quic_activated: bool,
+    /// Connection worker threads (see [`crate::workers`]); below 2, connections run on the
+    /// caller's runtime.
+    pub workers: usize,
 }
 
 /// What the outside world can ask of a running server.
@@ -58,7 +61,8 @@ enum Kind {
 
 struct AcceptLoop {
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    /// One per worker for a TCP listener; one for a QUIC listener.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct Server {
@@ -71,6 +75,8 @@ struct Server {
     connections: TaskTracker,
     loops: HashMap<SocketAddr, AcceptLoop>,
     activated: bool,
+    /// Where TCP accept loops (and so connections) run.
+    workers: Vec<tokio::runtime::Handle>,
 }
 
 /// Serves `listeners` (already bound) until a [`Control::Shutdown`] arrives or `control` closes.
@@ -99,7 +105,9 @@ pub async fn run(
         acme_wake.clone(),
         acme_stop.clone(),
     ));
+    let workers = crate::workers::Workers::start(options.workers)?;
     let mut server = Server {
+        workers: workers.targets(),
         quic_loops: HashMap::new(),
         quic_activated: options.quic_activated,
         acme_wake,
@@ -155,11 +163,14 @@ pub async fn run(
     // QUIC flows have no drain: their endpoints retransmit or time out on their own.
     for (_, l) in server.quic_loops.drain() {
         l.stop.cancel();
-        let _ = l.task.await;
+        for t in l.tasks {
+            let _ = t.await;
+        }
     }
     acme_stop.cancel();
     let _ = acme_task.await;
     server.shutdown().await;
+    workers.stop().await;
     metrics_stop.cancel();
     Ok(())
 }
@@ -169,19 +180,35 @@ impl Server {
         format!("{} open connections", self.connections.len())
     }
 
+    /// One accept loop per worker, each on its own duplicate of the listening socket (the
+    /// socket closes when the last loop ends).
     fn start_loop(&mut self, l: std::net::TcpListener) -> io::Result<()> {
         l.set_nonblocking(true)?;
-        let l = TcpListener::from_std(l)?;
         let addr = l.local_addr()?;
-        tracing::info!(%addr, "listening");
+        let mut sockets = Vec::with_capacity(self.workers.len());
+        for _ in 1..self.workers.len() {
+            sockets.push(l.try_clone()?);
+        }
+        sockets.push(l);
+        tracing::info!(%addr, workers = self.workers.len(), "listening");
         let stop = CancellationToken::new();
-        let task = tokio::spawn(accept_loop(
-            l,
-            self.shared.clone(),
-            self.connections.clone(),
-            stop.clone(),
-        ));
-        self.loops.insert(addr, AcceptLoop { stop, task });
+        let tasks = self
+            .workers
+            .iter()
+            .zip(sockets)
+            .map(|(worker, l)| {
+                let (shared, connections, stop) =
+                    (self.shared.clone(), self.connections.clone(), stop.clone());
+                // Registered inside the worker: its runtime polls the socket.
+                worker.spawn(async move {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => accept_loop(l, shared, connections, stop).await,
+                        Err(e) => tracing::error!(%addr, "cannot watch the listening socket: {e}"),
+                    }
+                })
+            })
+            .collect();
+        self.loops.insert(addr, AcceptLoop { stop, tasks });
         Ok(())
     }
 
@@ -224,7 +251,13 @@ impl Server {
             self.shared.clone(),
             stop.clone(),
         ));
-        self.quic_loops.insert(addr, AcceptLoop { stop, task });
+        self.quic_loops.insert(
+            addr,
+            AcceptLoop {
+                stop,
+                tasks: vec![task],
+            },
+        );
         Ok(())
     }
 
@@ -276,7 +309,9 @@ impl Server {
         }
         for (_, l) in self.loops {
             // An accept loop returns only when stopped; a JoinError means it panicked (logged).
-            let _ = l.task.await;
+            for t in l.tasks {
+                let _ = t.await;
+            }
         }
         let connections = self.connections;
         connections.close();

@@ -210,3 +210,83 @@ async fn idle_connections_hold_no_pipes() {
     );
     drop(open);
 }
+
+/// `--threads 3`: three worker threads, each with its own runtime and a duplicate of every
+/// listening socket. Connections accepted by any of them are served, a reload reaches all of
+/// them, and the drain waits for connections on every worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_serve_reload_and_drain() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let git = Backend::start("git", Listen::Unix(dir.path().join("git.sock")), &pki).await;
+    let blog = Backend::start("blog", Listen::Unix(dir.path().join("blog.sock")), &pki).await;
+    let conf = write_config(
+        dir.path(),
+        &format!("[routes]\n\"git.test\" = \"{}\"\n", git.config_addr),
+    );
+    let mut cmd = Command::new(Binary::exe());
+    cmd.args(["run", "--threads", "3", "-c"]).arg(&conf);
+    let mut bin = Binary::start_cmd(cmd, 2);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", bin.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect();
+    for w in ["sniplex-w0", "sniplex-w1", "sniplex-w2"] {
+        assert!(threads.iter().any(|t| t == w), "no {w} in {threads:?}");
+    }
+
+    // Connections on both listeners, held open after one echo each.
+    let config = pki.client_config(&[]);
+    let mut open = Vec::new();
+    for i in 0..40 {
+        let mut s = tls_connect(bin.addrs[i % 2], "git.test", config.clone())
+            .await
+            .unwrap();
+        s.write_all(b"ECHO\nx").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        open.push(s);
+    }
+
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = [\"127.0.0.1:0\", \"[::1]:0\"]\n[routes]\n\"git.test\" = \"{}\"\n",
+            blog.config_addr
+        ),
+    )
+    .unwrap();
+    bin.signal(nix::sys::signal::Signal::SIGHUP);
+    bin.wait_for("reloaded");
+    for i in 0..10 {
+        assert_eq!(
+            whoami(bin.addrs[i % 2], "git.test", &pki).await.unwrap(),
+            "blog"
+        );
+    }
+    // The connections opened before the reload still reach the old backend.
+    for s in &mut open {
+        s.write_all(b"y").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"y");
+    }
+
+    bin.signal(nix::sys::signal::Signal::SIGTERM);
+    bin.wait_for("stopped accepting");
+    // Still open and served during the drain, on whichever worker holds each.
+    for mut s in open {
+        s.write_all(b"z").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"z");
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+    }
+    let status = tokio::task::spawn_blocking(move || bin.wait_exit())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
