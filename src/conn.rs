@@ -179,7 +179,12 @@ async fn run(accepted: Box<Accepted>) {
         peer,
         shared,
         mut admission,
-    } = *accepted;
+    } = {
+        // Moved out in a block of its own, so that the box is freed here and not when the
+        // connection ends.
+        let accepted = accepted;
+        *accepted
+    };
     let mut trace = Trace {
         peer,
         sni: None,
