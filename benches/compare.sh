@@ -243,6 +243,10 @@ measure_bulk() {  # target
     speed=$(curl -sS -o /dev/null -w '%{speed_download}' --resolve "$(name_of "$t"):$port:127.0.0.1" \
         --cacert "$tmp/ca.pem" "https://$(name_of "$t"):$port/big")
     add bulk_mib_per_s "$t" "$(awk -v s="$speed" 'BEGIN { printf "%.0f", s / 1048576 }')"
+    if [ "$t" = socat ]; then
+        # Its per-connection process counts only once it has exited and been reaped.
+        for _ in $(seq 1 200); do pgrep -P "$pid" >/dev/null || break; sleep 0.05; done
+    fi
     if [ -n "$pid" ]; then
         cpu=$(awk -v d=$(( $(ticks "$pid") - c0 )) -v hz="$hz" -v mib="$bulk_mib" 'BEGIN { printf "%.3f", d / hz / (mib / 1024) }')
         add cpu_s_per_gib "$t" "$cpu"
