@@ -14,6 +14,8 @@ declare -A pkgs=(
     [nginx]=nginx [curl]=curl [openssl]=openssl [promtool]=prometheus
     [systemd-socket-activate]=systemd [systemd-analyze]=systemd [haproxy]=haproxy [socat]=socat
     [ss]=iproute2 [pebble]=pebble
+    # The jemalloc allocator (cargo feature, on by default) is built from C with make.
+    [cc]=gcc [make]=make
 )
 missing=()
 for cmd in "${!pkgs[@]}"; do
