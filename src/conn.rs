@@ -614,7 +614,7 @@ async fn hello_phase(
     let deadline = tokio::time::Instant::now() + t.client_hello;
     if config.accept_proxy_protocol {
         let header = tokio::select! {
-            r = tokio::time::timeout_at(deadline, read_proxy_header(client)) => match r {
+            r = tokio::time::timeout_at(deadline, Box::pin(read_proxy_header(client))) => match r {
                 Ok(r) => r,
                 Err(_) => return Err(reject(client, Reject::HelloTimeout(t.client_hello)).await),
             },
@@ -715,7 +715,11 @@ async fn read_hello(
     reader: &mut HelloReader,
 ) -> Result<ClientHello, Reject> {
     loop {
-        client.readable().await.map_err(Reject::ClientIo)?;
+        // Polled readiness: the future is two references, where `readable()` keeps a
+        // 150-byte waiter node in every connection that is still sending its hello.
+        std::future::poll_fn(|cx| client.poll_read_ready(cx))
+            .await
+            .map_err(Reject::ClientIo)?;
         // Allocated only once bytes are waiting, and on the heap: a silent client (slowloris)
         // then holds no buffer at all, and the task stays small.
         let mut buf = vec![0u8; HELLO_READ];
@@ -789,6 +793,49 @@ mod size_tests {
             handshake: Some(handshake),
             ip: None,
         };
+        // A client still sending its hello (or never finishing it: slowloris) also holds the
+        // pipeline's box and the hello phase's box.
+        let config = shared.config.load_full();
+        let mut trace = Trace {
+            peer,
+            sni: None,
+            bad_sni: None,
+            route: None,
+            backend: None,
+            counters: Counters::default(),
+        };
+        let mut slots = Admission {
+            open: crate::limits::Gate::new().admit(&config.limits).unwrap().0,
+            handshake: None,
+            ip: None,
+        };
+        let c2 = std::net::TcpStream::connect(peer).unwrap();
+        c2.set_nonblocking(true).unwrap();
+        let mut c2 = TcpStream::from_std(c2).unwrap();
+        let (mut reader, mut p2) = (HelloReader::new(), peer);
+        let h = hello_phase(
+            &mut c2,
+            &mut reader,
+            &mut p2,
+            &config,
+            &shared,
+            &mut trace,
+            &mut slots,
+        );
+        let hello_size = std::mem::size_of_val(&h);
+        drop(h);
+        let p = pipeline(c2, &config, &shared, &mut trace, &mut slots);
+        let pipeline_size = std::mem::size_of_val(&p);
+        drop(p);
+        eprintln!("hello_phase {hello_size} pipeline {pipeline_size}");
+        assert!(
+            hello_size <= 768,
+            "hello phase future is {hello_size} bytes"
+        );
+        assert!(
+            pipeline_size <= 1024,
+            "pipeline future is {pipeline_size} bytes"
+        );
         let f = handle(client, peer, shared, admission);
         let size = std::mem::size_of_val(&f);
         eprintln!("handle {size}");
