@@ -318,22 +318,15 @@ async fn pipeline(
     trace: &mut Trace,
     admission: &mut Admission,
 ) -> Result<Passthrough, Outcome> {
-    let cancel = &shared.force_close;
-    let t = &config.timeouts;
-    // The accept-time peer; replaced by the PROXY header's source on such a listener.
-    let mut peer = trace.peer;
-    let limits = splice::Limits {
-        idle: t.idle,
-        cancel,
-    };
-
     // 1. ClientHello, complete, within the deadline (a PROXY header from a load balancer in
-    //    front, if expected, comes first and counts against the same deadline). Boxed, like
-    //    every phase but forwarding: a task is sized by its largest state, and only the
+    //    front, if expected, comes first and counts against the same deadline). Then the rest,
+    //    boxed: a client still sending its hello (or never finishing it, slowloris) holds only
+    //    the task and this future, and a task is sized by its largest state: only the
     //    forwarding state lives long.
     let mut reader = HelloReader::new();
+    let mut peer = trace.peer;
     let hello_started = Instant::now();
-    let hello = match Box::pin(hello_phase(
+    let hello = hello_phase(
         &mut client,
         &mut reader,
         &mut peer,
@@ -341,14 +334,33 @@ async fn pipeline(
         shared,
         trace,
         admission,
-    ))
-    .await
-    {
-        Ok(h) => h,
-        Err(outcome) => return Err(outcome),
-    };
+    )
+    .await?;
     metrics::histogram!(m::CLIENT_HELLO_SECONDS).record(hello_started.elapsed().as_secs_f64());
     admission.handshake = None;
+    Box::pin(route_and_connect(
+        client, reader, hello, config, shared, trace,
+    ))
+    .await
+}
+
+/// Route, connect, replay the hello (or terminate, or answer an ACME validation).
+async fn route_and_connect(
+    mut client: TcpStream,
+    reader: HelloReader,
+    hello: ClientHello,
+    config: &Config,
+    shared: &Shared,
+    trace: &mut Trace,
+) -> Result<Passthrough, Outcome> {
+    let cancel = &shared.force_close;
+    let t = &config.timeouts;
+    // The client: the TCP peer, or the PROXY header's source on such a listener.
+    let peer = trace.peer;
+    let limits = splice::Limits {
+        idle: t.idle,
+        cancel,
+    };
 
     // 1b. A tls-alpn-01 validation for a name sniplex is ordering is answered here, whatever
     //     the name's route is; it never reaches a backend. (RFC 8737: the CA offers exactly
@@ -794,7 +806,7 @@ mod size_tests {
             ip: None,
         };
         // A client still sending its hello (or never finishing it: slowloris) also holds the
-        // pipeline's box and the hello phase's box.
+        // pipeline's box, with the hello phase inside it.
         let config = shared.config.load_full();
         let mut trace = Trace {
             peer,
