@@ -32,6 +32,26 @@ struct Cli {
     /// Less log output (-q warnings, -qq errors only).
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
     quiet: u8,
+    /// How bytes are moved (for benchmarks: auto is what every other mode is measured against).
+    #[arg(long, global = true, hide = true, value_enum, default_value_t = Forward::Auto)]
+    forward: Forward,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Forward {
+    Auto,
+    Splice,
+    Copy,
+}
+
+impl From<Forward> for sniplex::splice::ForwardMode {
+    fn from(f: Forward) -> Self {
+        match f {
+            Forward::Auto => Self::Auto,
+            Forward::Splice => Self::Splice,
+            Forward::Copy => Self::Copy,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -57,7 +77,7 @@ fn main() -> ExitCode {
             println!("{}", config.summary());
             ExitCode::SUCCESS
         }
-        Some(Command::Run) | None => match serve(config, cli.threads) {
+        Some(Command::Run) | None => match serve(config, cli.threads, cli.forward.into()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e:#}");
@@ -67,7 +87,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
+fn serve(
+    config: Config,
+    threads: Option<u16>,
+    forward: sniplex::splice::ForwardMode,
+) -> anyhow::Result<()> {
     // Before any thread exists: adopting inherited fds edits the environment.
     let activated = sniplex::systemd::take_activated()?;
     let activated = match activated {
@@ -151,7 +175,7 @@ fn serve(config: Config, threads: Option<u16>) -> anyhow::Result<()> {
             quic,
             quic_activated,
             workers: threads,
-            ..Default::default()
+            forward,
         };
         sniplex::run(config, listeners, options, rx).await?;
         Ok(())
