@@ -156,6 +156,11 @@ haproxy_pid=$!; pids+=($!)
 so_port=$(free_port)
 socat -b 131072 "TCP-LISTEN:$so_port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$tmp/be.sock" &
 socat_pid=$!; pids+=($!)
+# The other floor: blocking splice(2) through a 1 MiB pipe, one thread per direction, no event
+# loop (benches/floor.py): what the kernel charges any relay for this transfer.
+fl_port=$(free_port)
+python3 "$here/benches/floor.py" "$fl_port" "$tmp/be.sock" &
+floor_pid=$!; pids+=($!)
 
 cat > "$tmp/stream.conf" <<EOF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
@@ -190,7 +195,7 @@ nginx -p "$tmp/stream" -c "$tmp/stream.conf" &
 pids+=($!)
 
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-for p in $be_port $sn_port $sn_threads2_port $ha_port $ng_port $ngt_port $so_port; do wait_port "$p"; done
+for p in $be_port $sn_port $sn_threads2_port $ha_port $ng_port $ngt_port $so_port $fl_port; do wait_port "$p"; done
 # nginx's worker is the process doing the work (the master only supervises).
 worker_of() { pgrep -P "$(cat "$1")" | head -n1; }
 ng_pid=$(worker_of "$tmp/stream/stream.pid" 2>/dev/null || true)
@@ -220,8 +225,8 @@ quiet_machine() {
 declare -A R  # R[figure,target] = "v1 v2 ..." (one value per round)
 add() { R[$1,$2]="${R[$1,$2]:-} $3"; }
 wants() { case ",$only," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-addr_of() { case $1 in direct) echo $be_port ;; sniplex) echo $sn_port ;; sniplex2) echo $sn_threads2_port ;; haproxy) echo $ha_port ;; nginx) echo $ng_port ;; socat) echo $so_port ;; nginx-term) echo $ngt_port ;; sniplex-term) echo $sn_port ;; esac; }
-pid_of() { case $1 in sniplex) echo $sniplex_pid ;; sniplex2) echo $sniplex2_pid ;; haproxy) echo $haproxy_pid ;; socat) echo $socat_pid ;; nginx|nginx-term) echo $ng_pid ;; sniplex-term) echo $sniplex_pid ;; *) echo "" ;; esac; }
+addr_of() { case $1 in direct) echo $be_port ;; sniplex) echo $sn_port ;; sniplex2) echo $sn_threads2_port ;; haproxy) echo $ha_port ;; nginx) echo $ng_port ;; socat) echo $so_port ;; floor) echo $fl_port ;; nginx-term) echo $ngt_port ;; sniplex-term) echo $sn_port ;; esac; }
+pid_of() { case $1 in sniplex) echo $sniplex_pid ;; sniplex2) echo $sniplex2_pid ;; haproxy) echo $haproxy_pid ;; socat) echo $socat_pid ;; floor) echo $floor_pid ;; nginx|nginx-term) echo $ng_pid ;; sniplex-term) echo $sniplex_pid ;; *) echo "" ;; esac; }
 name_of() { case $1 in *-term) echo term.test ;; *) echo bench.test ;; esac; }
 
 measure_conns() {  # target
@@ -320,7 +325,7 @@ while [ "$round" -lt "$rounds" ]; do
     order=$(echo "$targets" | tr ',' '\n' | awk -v r="$round" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
     echo "round $round: $(echo $order | tr '\n' ' ')" >&2
     if wants conns; then for t in $order; do measure_conns "$t"; done; fi
-    if wants bulk; then for t in $order socat; do [ "$t" = sniplex2 ] || measure_bulk "$t"; done; fi
+    if wants bulk; then for t in $order socat floor; do [ "$t" = sniplex2 ] || measure_bulk "$t"; done; fi
     if wants term; then for t in sniplex-term nginx-term; do measure_bulk "$t"; done; fi
     if wants latency; then for t in $order; do case $t in direct|sniplex2) ;; *) measure_latency "$t" ;; esac; done; fi
     if wants idle; then for t in $order; do case $t in direct|sniplex2) ;; *) measure_idle "$t" ;; esac; done; fi
@@ -341,12 +346,12 @@ for fig in conns_per_s cpu_ms_per_1k_conns bulk_mib_per_s cpu_s_per_gib added_p5
         else best=$(awk -v a="$best" -v b="$v" 'BEGIN {print (b > a) ? b : a}'); fi
     done
     direct=$(echo "${R[$fig,direct]:-}" | median)
-    for t in direct sniplex sniplex2 haproxy nginx socat; do
+    for t in direct sniplex sniplex2 haproxy nginx socat floor; do
         vals=${R[$fig,$t]:-}; [ -z "$vals" ] && continue
         m=$(echo "$vals" | median); s=$(echo "$vals" | spread)
         rd=$(awk -v m="$m" -v d="$direct" 'BEGIN { if (d == "-" || d == 0) print "-"; else printf "%.2fx", m / d }')
         rb=$(awk -v m="$m" -v b="$best" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2fx", m / b }')
-        label=$t; [ "$t" = sniplex2 ] && label="sniplex(2 thr)"; [ "$t" = socat ] && label="socat (floor)"
+        label=$t; [ "$t" = sniplex2 ] && label="sniplex(2 thr)"; [ "$t" = socat ] && label="socat (floor)"; [ "$t" = floor ] && label="splice floor"
         printf '%-22s %-14s %8s %18s %10s %10s\n' "$fig" "$label" "$m" "$s" "$rd" "$rb"
     done
 done

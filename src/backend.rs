@@ -72,14 +72,14 @@ pub async fn connect_first(
 
 async fn connect_inner(addr: &BackendAddr) -> Result<BackendStream, ConnectError> {
     match addr {
-        BackendAddr::Unix(path) => Ok(BackendStream::Unix(UnixStream::connect(path).await?)),
+        BackendAddr::Unix(path) => Ok(BackendStream::Unix(unix(path)?)),
         BackendAddr::Abstract(name) => {
-            // tokio maps a leading NUL to the Linux abstract namespace.
+            // A leading NUL names the Linux abstract namespace.
             let mut p = Vec::with_capacity(name.len() + 1);
             p.push(0);
             p.extend_from_slice(name);
             let path: std::ffi::OsString = std::os::unix::ffi::OsStringExt::from_vec(p);
-            Ok(BackendStream::Unix(UnixStream::connect(path).await?))
+            Ok(BackendStream::Unix(unix(std::path::Path::new(&path))?))
         }
         BackendAddr::Tcp(sa) => Ok(BackendStream::Tcp(tcp(*sa).await?)),
         BackendAddr::Host { host, port } => {
@@ -96,6 +96,18 @@ async fn connect_inner(addr: &BackendAddr) -> Result<BackendStream, ConnectError
             Err(last)
         }
     }
+}
+
+/// A Unix stream connect completes or fails at once (EAGAIN when the listener's backlog is
+/// full, ECONNREFUSED, ENOENT): there is never a connect in progress. So no wait for
+/// writability and no SO_ERROR query afterwards, which tokio's `UnixStream::connect` does for
+/// every connection (one event-loop round trip and one syscall).
+fn unix(path: &std::path::Path) -> io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let addr = SockAddr::unix(path)?;
+    let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    s.connect(&addr)?;
+    UnixStream::from_std(std::os::fd::OwnedFd::from(s).into())
 }
 
 async fn tcp(sa: std::net::SocketAddr) -> io::Result<TcpStream> {

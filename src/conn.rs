@@ -454,7 +454,7 @@ async fn route_and_connect(
     }
 
     // 4b. Passthrough: PROXY header and the hello exactly as received, in one write.
-    let Some(mut backend) = backend.take() else {
+    let Some(backend) = backend.take() else {
         // Validation guarantees the metrics route terminates; refuse rather than guess.
         return Err(reject(&mut client, Reject::NoRoute).await);
     };
@@ -473,7 +473,7 @@ async fn route_and_connect(
         }
         None => reader.into_buffered(),
     };
-    let written = tokio::time::timeout(t.connect, backend.write_all(&first)).await;
+    let written = tokio::time::timeout(t.connect, splice::write_all_to(&backend, &first)).await;
     drop(first);
     match written {
         Ok(Ok(())) => {}

@@ -70,3 +70,31 @@ fn bind_tcp(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)?;
     Ok(socket.into())
 }
+
+/// Options set once on a listening socket (bound or inherited) that every accepted socket
+/// inherits, instead of one syscall per connection. Returns whether TCP_NODELAY is now
+/// inherited: if not, the caller sets it on each accepted socket.
+pub fn tune(l: &TcpListener) -> bool {
+    // What sniplex writes itself (alerts, a terminated session's handshake flights) is small
+    // and must not wait for Nagle. Linux copies the listener's TCP_NODELAY to accepted sockets.
+    socket2::SockRef::from(l).set_tcp_nodelay(true).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// TCP_NODELAY set once on the listener reaches every accepted socket (no per-connection
+    /// setsockopt).
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        let l = bind_all(&["127.0.0.1:0".parse().unwrap()])
+            .unwrap()
+            .remove(0);
+        assert!(tune(&l));
+        l.set_nonblocking(false).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}

@@ -184,6 +184,7 @@ impl Server {
     /// socket closes when the last loop ends).
     fn start_loop(&mut self, l: std::net::TcpListener) -> io::Result<()> {
         l.set_nonblocking(true)?;
+        let nodelay_inherited = crate::listener::tune(&l);
         let addr = l.local_addr()?;
         let mut sockets = Vec::with_capacity(self.workers.len());
         for _ in 1..self.workers.len() {
@@ -202,7 +203,7 @@ impl Server {
                 // Registered inside the worker: its runtime polls the socket.
                 worker.spawn(async move {
                     match TcpListener::from_std(l) {
-                        Ok(l) => accept_loop(l, shared, connections, stop).await,
+                        Ok(l) => accept_loop(l, nodelay_inherited, shared, connections, stop).await,
                         Err(e) => tracing::error!(%addr, "cannot watch the listening socket: {e}"),
                     }
                 })
@@ -350,6 +351,7 @@ fn plan(current: &[SocketAddr], wanted: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<
 
 async fn accept_loop(
     listener: TcpListener,
+    nodelay_inherited: bool,
     shared: Arc<Shared>,
     connections: TaskTracker,
     stop: CancellationToken,
@@ -383,8 +385,10 @@ async fn accept_loop(
                     });
                 match admitted {
                     Ok(admission) => {
-                        // The hello and the alerts are small writes that must not wait for Nagle.
-                        let _ = stream.set_nodelay(true);
+                        if !nodelay_inherited {
+                            // See `listener::tune`: normally set once on the listener.
+                            let _ = stream.set_nodelay(true);
+                        }
                         connections.spawn(conn::handle(stream, peer, shared.clone(), admission));
                     }
                     Err(refused) => {

@@ -42,10 +42,10 @@ pub const BUF_POOL_MAX: usize = 64;
 /// How bytes are moved once a backend is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardMode {
-    /// Per direction, whatever costs least: splice when the source is a TCP socket (the kernel
-    /// moves page references), read/write through a pooled buffer when the source is a Unix
-    /// socket (its splice_read copies anyway and the pipe only adds work: measured ~30% more
-    /// CPU per GiB than read/write, see README "Performance").
+    /// Per direction, whatever costs least: from a TCP socket, read/write for small chunks and
+    /// splice once bulk flows (the kernel moves page references); from a Unix socket,
+    /// read/write through a pooled buffer (measured no cheaper by splice: README
+    /// "Performance").
     #[default]
     Auto,
     /// splice(2) both ways, whatever the sockets.
@@ -315,13 +315,15 @@ impl Counters {
 }
 
 impl Dir<'_> {
-    fn finished(&self) {
-        let flag = if self.up {
-            &self.counters.up_done
+    /// Marks this direction as ended; returns whether the other one had ended already.
+    fn finished(&self) -> bool {
+        let (mine, other) = if self.up {
+            (&self.counters.up_done, &self.counters.down_done)
         } else {
-            &self.counters.down_done
+            (&self.counters.down_done, &self.counters.up_done)
         };
-        flag.store(true, Ordering::Relaxed);
+        mine.store(true, Ordering::Relaxed);
+        other.load(Ordering::Relaxed)
     }
 
     /// A write to a peer that already sent its EOF failed because it has closed completely:
@@ -380,6 +382,12 @@ enum Via {
     Splice,
     /// read/write through a pooled buffer.
     Copy,
+    /// Copy until one read fills the whole buffer, then splice for good. A TLS handshake's
+    /// flights and most requests are a few KiB: read + write moves them in two syscalls, where
+    /// splice needs three (in, out, and a last one to see EAGAIN: a short splice does not mean
+    /// the source is drained, a short read does). A full buffer means bulk is flowing, and from
+    /// a TCP source splice moves page references instead of copying.
+    CopyThenSplice,
 }
 
 /// What one direction holds while bytes are in flight: a pipe, or a buffer with the number of
@@ -443,14 +451,14 @@ async fn pump<S: SpliceSocket, D: SpliceSocket>(
     dst: &D,
     pool: &PipePool,
     d: Dir<'_>,
-    via: Via,
+    mut via: Via,
 ) -> Result<(), (Side, io::Error)> {
     loop {
         src.ready_for(Interest::READABLE)
             .await
             .map_err(|e| (d.src(), e))?;
         let mut chunk = match via {
-            Via::Copy => Chunk::Buf {
+            Via::Copy | Via::CopyThenSplice => Chunk::Buf {
                 buf: pool.get_buf(),
                 once: false,
             },
@@ -469,8 +477,12 @@ async fn pump<S: SpliceSocket, D: SpliceSocket>(
         let (r, empty) = 'chunk: loop {
             let n = match chunk.fill(src) {
                 Ok(0) => {
-                    d.finished();
-                    shutdown_write(dst.as_fd());
+                    // When the other direction has ended too, both sockets are closed as soon
+                    // as this returns, and a close sends the same FIN (nothing is left unread:
+                    // both sources were read to their EOF).
+                    if !d.finished() {
+                        shutdown_write(dst.as_fd());
+                    }
                     break (Ok(true), true);
                 }
                 Ok(n) => n,
@@ -493,6 +505,13 @@ async fn pump<S: SpliceSocket, D: SpliceSocket>(
                 }
             }
             d.counters.touch();
+            if via == Via::CopyThenSplice
+                && matches!(&chunk, Chunk::Buf { buf, .. } if n == buf.len())
+            {
+                // Bulk: the next chunk is a pipe (src is still readable, so at once).
+                via = Via::Splice;
+                break (Ok(false), true);
+            }
             if matches!(chunk, Chunk::Buf { once: true, .. }) {
                 break (Ok(false), true);
             }
@@ -530,28 +549,47 @@ pub fn read_draining<S: SpliceSocket>(s: &S, buf: &mut [u8]) -> io::Result<usize
     }
 }
 
-/// Writes all of `buf` to a socket whose readiness tokio tracks. Returns true when the peer has
-/// left (see [`Dir::peer_left`]): the direction is over, normally.
+/// Writes all of `buf` to a socket whose readiness tokio tracks. The first write is tried before
+/// asking for readiness: tokio knows none for a socket it has not yet seen in an event (a
+/// backend just connected), and waiting for one costs an event-loop round trip per connection.
+/// Only an EAGAIN (or a short write) makes it wait.
+pub async fn write_all_to<D: SpliceSocket>(dst: &D, buf: &[u8]) -> io::Result<()> {
+    let write = |off: usize| nix::unistd::write(dst.as_fd(), &buf[off..]).map_err(io::Error::from);
+    let mut off = 0;
+    let mut wait = false;
+    while off < buf.len() {
+        let r = if wait {
+            dst.ready_for(Interest::WRITABLE).await?;
+            dst.try_io_with(Interest::WRITABLE, || write(off))
+        } else {
+            write(off)
+        };
+        match r {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => {
+                off += m;
+                // Short: the socket's buffer is full for now.
+                wait = off < buf.len();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait = true,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// [`write_all_to`] for a forwarding direction. Returns true when the peer has left (see
+/// [`Dir::peer_left`]): the direction is over, normally.
 async fn write_all_sock<D: SpliceSocket>(
     dst: &D,
     buf: &[u8],
     d: &Dir<'_>,
 ) -> Result<bool, (Side, io::Error)> {
-    let mut off = 0;
-    while off < buf.len() {
-        dst.ready_for(Interest::WRITABLE)
-            .await
-            .map_err(|e| (d.dst(), e))?;
-        match dst.try_io_with(Interest::WRITABLE, || {
-            nix::unistd::write(dst.as_fd(), &buf[off..]).map_err(io::Error::from)
-        }) {
-            Ok(m) => off += m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if d.peer_left(&e) => return Ok(true),
-            Err(e) => return Err((d.dst(), e)),
-        }
+    match write_all_to(dst, buf).await {
+        Ok(()) => Ok(false),
+        Err(e) if d.peer_left(&e) => Ok(true),
+        Err(e) => Err((d.dst(), e)),
     }
-    Ok(false)
 }
 
 /// Moves bytes src -> dst through a user-space buffer until src's EOF, then half-closes dst.
@@ -827,13 +865,15 @@ pub fn forward<'a>(
     }
     let (up, down) = dirs(counters);
     let (c, b) = (&*client, &*backend);
-    let down_via = match (mode, b) {
-        (ForwardMode::Auto, BackendStream::Unix(_)) => Via::Copy,
-        _ => Via::Splice,
+    // Auto: see [`ForwardMode::Auto`]; the client is always a TCP socket.
+    let (up_via, down_via) = match (mode, b) {
+        (ForwardMode::Auto, BackendStream::Unix(_)) => (Via::CopyThenSplice, Via::Copy),
+        (ForwardMode::Auto, BackendStream::Tcp(_)) => (Via::CopyThenSplice, Via::CopyThenSplice),
+        _ => (Via::Splice, Via::Splice),
     };
     Forward::Splice {
         drive: Drive::new(
-            pump(c, b, pool, up, Via::Splice),
+            pump(c, b, pool, up, up_via),
             pump(b, c, pool, down, down_via),
             counters,
             limits,
@@ -889,6 +929,90 @@ mod size_tests {
             r = task => panic!("forwarding ended early: {r:?}"),
             _ = check => {}
         }
+    }
+
+    /// Pipes returned to the pool: how a test sees whether a direction spliced.
+    fn pooled_pipes(pool: &PipePool) -> usize {
+        pool.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Runs one CopyThenSplice direction over Unix socket pairs: `prefill` bytes are queued
+    /// before it starts, `rest` follow, then EOF. Returns the bytes that came out and the
+    /// pipes the pool holds afterwards.
+    async fn copy_then_splice(prefill: usize, rest: usize) -> (Vec<u8>, usize) {
+        use std::io::Write;
+        use tokio::io::AsyncReadExt;
+        let (feeder, src) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (dst, out) = UnixStream::pair().unwrap();
+        // Room for the prefill in the socket before the direction reads anything.
+        socket2::SockRef::from(&feeder)
+            .set_send_buffer_size(1 << 20)
+            .unwrap();
+        let data: Vec<u8> = (0..prefill + rest).map(|i| (i % 251) as u8).collect();
+        let mut feeder = feeder;
+        feeder.write_all(&data[..prefill]).unwrap();
+        src.set_nonblocking(true).unwrap();
+        let src = UnixStream::from_std(src).unwrap();
+        let pool = PipePool::new();
+        let counters = Counters::default();
+        let (up, _) = dirs(&counters);
+        let tail = data[prefill..].to_vec();
+        let feed = std::thread::spawn(move || {
+            feeder.write_all(&tail).unwrap();
+        });
+        let mut out = out;
+        let mut got = Vec::new();
+        let (r, _) = tokio::join!(
+            pump(&src, &dst, &pool, up, Via::CopyThenSplice),
+            out.read_to_end(&mut got)
+        );
+        r.unwrap();
+        feed.join().unwrap();
+        assert_eq!(got, data, "bytes changed on the way");
+        (got, pooled_pipes(&pool))
+    }
+
+    /// Small chunks (a handshake, a request) are read and written: no pipe is ever taken.
+    #[tokio::test]
+    async fn small_chunks_are_copied_without_a_pipe() {
+        let (got, pipes) = copy_then_splice(1000, 0).await;
+        assert_eq!(got.len(), 1000);
+        assert_eq!(pipes, 0, "a pipe was used for 1000 bytes");
+    }
+
+    /// A read that fills the whole buffer means bulk: the rest goes through a pipe.
+    #[tokio::test]
+    async fn bulk_switches_to_splice() {
+        let (got, pipes) = copy_then_splice(POOLED_BUF + 4096, 4 << 20).await;
+        assert_eq!(got.len(), POOLED_BUF + 4096 + (4 << 20));
+        assert_eq!(pipes, 1, "bulk never switched to splice");
+    }
+
+    /// The hello replay to a backend just connected is written at once: tokio has seen no
+    /// event for the socket yet, and waiting for one would cost an event-loop round trip.
+    #[tokio::test]
+    async fn first_write_does_not_wait_for_readiness() {
+        use tokio::io::AsyncReadExt;
+        // As a backend is connected: a std socket handed to tokio, which then knows no
+        // readiness for it (tokio's own pair() and accept() assume some).
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (a, mut b) = (
+            UnixStream::from_std(a).unwrap(),
+            UnixStream::from_std(b).unwrap(),
+        );
+        let msg = [5u8; 1500];
+        use std::future::Future;
+        let mut f = std::pin::pin!(write_all_to(&a, &msg));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            matches!(f.as_mut().poll(&mut cx), Poll::Ready(Ok(()))),
+            "the first write waited"
+        );
+        let mut got = [0u8; 1500];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
     }
 
     /// The forwarding future is what every open connection holds for its whole life (RSS per

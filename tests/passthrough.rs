@@ -492,6 +492,7 @@ async fn shutdown_drains_open_connections_then_refuses_new_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_64_mib_each_way_auto() {
-    // The default: splice from the client's TCP socket, pooled read/write from the Unix backend.
+    // The default: from the client's TCP socket, read/write for small chunks and splice once
+    // bulk flows; pooled read/write from the Unix backend.
     echo_64mib(sniplex::splice::ForwardMode::Auto).await;
 }
