@@ -2,17 +2,76 @@
 //! time) and the resulting stream type the forwarders work on.
 
 use crate::config::BackendAddr;
+use crate::splice::SpliceSocket;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
 
 #[derive(Debug)]
 pub enum BackendStream {
     Tcp(TcpStream),
-    Unix(UnixStream),
+    Unix(UnixBackend),
+}
+
+/// A connected Unix stream socket, watched for readability only until a write finds it full.
+///
+/// A Unix socket reports itself writable again every time its peer reads what was written to
+/// it (the kernel's unix_write_space), and an edge-triggered registration that includes
+/// EPOLLOUT turns each of those into an event-loop wake-up: one for every chunk sniplex hands
+/// to the backend (the replayed hello, each client flight, each request), for nothing. tokio's
+/// `UnixStream` always registers both directions, so the socket is registered here through
+/// [`AsyncFd`] with read interest only. Writes are tried directly; the first one that finds the
+/// socket full registers a duplicate of the descriptor for write interest, used from then on.
+#[derive(Debug)]
+pub struct UnixBackend {
+    read: AsyncFd<std::os::unix::net::UnixStream>,
+    write: std::sync::OnceLock<AsyncFd<OwnedFd>>,
+}
+
+impl UnixBackend {
+    /// Takes a connected, non-blocking socket.
+    pub fn new(s: std::os::unix::net::UnixStream) -> io::Result<UnixBackend> {
+        // SAFETY: `s` owns its descriptor, which stays open and is the same for as long as the
+        // AsyncFd owns `s` (it is closed only when `s` drops, after the deregistration).
+        let read = unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) };
+        Ok(UnixBackend {
+            read: read.map_err(io::Error::from)?,
+            write: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The write-interest registration, if a write has ever found the socket full.
+    pub(crate) fn writer(&self) -> Option<&AsyncFd<OwnedFd>> {
+        self.write.get()
+    }
+
+    /// Registers a duplicate of the socket for write interest (at most once per connection).
+    pub(crate) fn register_writer(&self) -> io::Result<&AsyncFd<OwnedFd>> {
+        if self.write.get().is_none() {
+            let dup = self.read.get_ref().as_fd().try_clone_to_owned()?;
+            // SAFETY: as in `new`: `dup` owns its descriptor for the AsyncFd's whole life.
+            let w = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) };
+            let _ = self.write.set(w.map_err(io::Error::from)?);
+        }
+        self.write
+            .get()
+            .ok_or_else(|| io::Error::other("write registration missing"))
+    }
+
+    pub(crate) fn reader(&self) -> &AsyncFd<std::os::unix::net::UnixStream> {
+        &self.read
+    }
+}
+
+impl AsFd for UnixBackend {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.read.get_ref().as_fd()
+    }
 }
 
 /// Why no connection to the backend could be made. Always "backend" fault for metrics.
@@ -102,12 +161,12 @@ async fn connect_inner(addr: &BackendAddr) -> Result<BackendStream, ConnectError
 /// full, ECONNREFUSED, ENOENT): there is never a connect in progress. So no wait for
 /// writability and no SO_ERROR query afterwards, which tokio's `UnixStream::connect` does for
 /// every connection (one event-loop round trip and one syscall).
-fn unix(path: &std::path::Path) -> io::Result<UnixStream> {
+fn unix(path: &std::path::Path) -> io::Result<UnixBackend> {
     use socket2::{Domain, SockAddr, Socket, Type};
     let addr = SockAddr::unix(path)?;
     let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
     s.connect(&addr)?;
-    UnixStream::from_std(std::os::fd::OwnedFd::from(s).into())
+    UnixBackend::new(OwnedFd::from(s).into())
 }
 
 async fn tcp(sa: std::net::SocketAddr) -> io::Result<TcpStream> {
@@ -125,7 +184,7 @@ impl AsyncRead for BackendStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            BackendStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Unix(s) => s.poll_read_with(cx, buf),
         }
     }
 }
@@ -138,19 +197,61 @@ impl AsyncWrite for BackendStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            BackendStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Unix(s) => s.poll_write_with(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            BackendStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            // Nothing is buffered: every write went to the socket.
+            BackendStream::Unix(_) => Poll::Ready(Ok(())),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            BackendStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Unix(s) => Poll::Ready(
+                nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(&s.as_fd()),
+                    nix::sys::socket::Shutdown::Write,
+                )
+                .map_err(io::Error::from),
+            ),
+        }
+    }
+}
+
+impl UnixBackend {
+    /// `AsyncRead` in terms of [`SpliceSocket`]: wait for readiness, read, and on EAGAIN (which
+    /// clears the readiness) wait again.
+    fn poll_read_with(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.poll_ready_for(cx, Interest::READABLE))?;
+            let unfilled = buf.initialize_unfilled();
+            match self.try_io_with(Interest::READABLE, || {
+                nix::unistd::read(self.as_fd(), unfilled).map_err(io::Error::from)
+            }) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// `AsyncWrite` the same way (writes are tried before any readiness is known).
+    fn poll_write_with(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.poll_ready_for(cx, Interest::WRITABLE))?;
+            match self.try_io_with(Interest::WRITABLE, || {
+                nix::unistd::write(self.as_fd(), buf).map_err(io::Error::from)
+            }) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
     }
 }

@@ -8,7 +8,7 @@
 //! Each direction runs on its own until its source reaches EOF, then shuts down the write half of
 //! its destination; the other direction keeps flowing. An error in either ends both.
 
-use crate::backend::BackendStream;
+use crate::backend::{BackendStream, UnixBackend};
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -174,6 +174,45 @@ macro_rules! splice_socket {
 splice_socket!(TcpStream);
 splice_socket!(UnixStream);
 
+/// Readable as tokio sockets are; writable is assumed until a write finds the socket full
+/// (see [`UnixBackend`] for why), and waited for through the write registration after that.
+impl SpliceSocket for UnixBackend {
+    fn poll_ready_for(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        interest: Interest,
+    ) -> std::task::Poll<io::Result<()>> {
+        if interest.is_readable() {
+            return self.reader().poll_read_ready(cx).map_ok(|_| ());
+        }
+        match self.writer() {
+            None => Poll::Ready(Ok(())),
+            Some(w) => w.poll_write_ready(cx).map_ok(|_| ()),
+        }
+    }
+
+    fn try_io_with<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        if interest.is_readable() {
+            return self.reader().try_io(Interest::READABLE, |_| f());
+        }
+        match self.writer() {
+            Some(w) => w.try_io(Interest::WRITABLE, |_| f()),
+            None => {
+                let r = f();
+                if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                    // Full: from now on writability comes from a registration of its own.
+                    self.register_writer()?;
+                }
+                r
+            }
+        }
+    }
+}
+
 impl AsFd for BackendStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
@@ -201,7 +240,7 @@ impl SpliceSocket for BackendStream {
     ) -> io::Result<R> {
         match self {
             BackendStream::Tcp(s) => s.try_io(interest, f),
-            BackendStream::Unix(s) => s.try_io(interest, f),
+            BackendStream::Unix(s) => s.try_io_with(interest, f),
         }
     }
 }
@@ -988,6 +1027,80 @@ mod size_tests {
         assert_eq!(pipes, 1, "bulk never switched to splice");
     }
 
+    /// The epoll event masks `fd` is registered with, from /proc/self/fdinfo of every epoll
+    /// descriptor of this process.
+    fn epoll_masks(fd: i32) -> Vec<u32> {
+        let mut masks = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            for line in info.lines().filter(|l| l.starts_with("tfd:")) {
+                let mut it = line.split_whitespace();
+                let tfd = it.nth(1).and_then(|v| v.parse::<i32>().ok());
+                let events = it.nth(1).and_then(|v| u32::from_str_radix(v, 16).ok());
+                if let (Some(t), Some(ev)) = (tfd, events) {
+                    if t == fd {
+                        masks.push(ev);
+                    }
+                }
+            }
+        }
+        masks
+    }
+
+    const EPOLLOUT: u32 = 0x4;
+
+    /// A Unix backend is watched for readability only (its peer reading would otherwise wake
+    /// the event loop each time); the first write that finds it full adds a write
+    /// registration, and the bytes still all arrive.
+    #[tokio::test]
+    async fn unix_backend_is_watched_for_writability_only_once_full() {
+        use std::future::Future;
+        use std::io::Read;
+        let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let fd = ours.as_raw_fd();
+        let backend = UnixBackend::new(ours).unwrap();
+        // (Other tests run in parallel, each with its own epoll: count every entry.)
+        let masks = epoll_masks(fd);
+        assert!(!masks.is_empty(), "fd {fd} is not registered");
+        assert!(
+            masks.iter().all(|m| m & EPOLLOUT == 0),
+            "registered for EPOLLOUT: {masks:x?}"
+        );
+        assert!(backend.writer().is_none());
+
+        // More than the socket holds: the first poll writes what fits, then must wait.
+        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 253) as u8).collect();
+        let mut f = std::pin::pin!(write_all_to(&backend, &data));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            f.as_mut().poll(&mut cx).is_pending(),
+            "8 MiB fit in the socket"
+        );
+        let w = backend
+            .writer()
+            .expect("no write registration after a full write");
+        let wmasks = epoll_masks(w.as_raw_fd());
+        assert!(
+            wmasks.iter().any(|m| m & EPOLLOUT != 0),
+            "write registration lacks EPOLLOUT: {wmasks:x?}"
+        );
+
+        let len = data.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; len];
+            peer.read_exact(&mut got).unwrap();
+            got
+        });
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("write never completed")
+            .unwrap();
+        assert!(reader.join().unwrap() == data, "bytes changed on the way");
+    }
+
     /// The hello replay to a backend just connected is written at once: tokio has seen no
     /// event for the socket yet, and waiting for one would cost an event-loop round trip.
     #[tokio::test]
@@ -1033,7 +1146,7 @@ mod size_tests {
         let std_c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         std_c.set_nonblocking(true).unwrap();
         let mut c = TcpStream::from_std(std_c).unwrap();
-        let mut bs = BackendStream::Unix(b2);
+        let mut bs = BackendStream::Unix(UnixBackend::new(b2.into_std().unwrap()).unwrap());
         let limits = Limits {
             idle: Duration::from_secs(1),
             cancel: &cancel,
