@@ -86,6 +86,8 @@ $(temp_paths "$tmp/be")
     sendfile on;
     ssl_session_tickets off;
     ssl_session_cache off;
+    # TLS 1.3 as clients meet it today (nginx before 1.23.4 offers only up to 1.2 by default).
+    ssl_protocols TLSv1.2 TLSv1.3;
     server {
         listen unix:$tmp/be.sock ssl;
         listen 127.0.0.1:$be_port ssl;
@@ -186,6 +188,7 @@ stream {
         ssl_certificate $tmp/cert.pem;
         ssl_certificate_key $tmp/key.pem;
         ssl_session_tickets off;
+        ssl_protocols TLSv1.2 TLSv1.3;
         proxy_pass unix:$tmp/plain.sock;
     }
 }

@@ -30,7 +30,8 @@ pub enum BackendStream {
 #[derive(Debug)]
 pub struct UnixBackend {
     read: AsyncFd<std::os::unix::net::UnixStream>,
-    write: std::sync::OnceLock<AsyncFd<OwnedFd>>,
+    /// Boxed: this is part of what every open connection holds, and is rarely needed.
+    write: std::sync::OnceLock<Box<AsyncFd<OwnedFd>>>,
 }
 
 impl UnixBackend {
@@ -47,7 +48,7 @@ impl UnixBackend {
 
     /// The write-interest registration, if a write has ever found the socket full.
     pub(crate) fn writer(&self) -> Option<&AsyncFd<OwnedFd>> {
-        self.write.get()
+        self.write.get().map(|w| &**w)
     }
 
     /// Registers a duplicate of the socket for write interest (at most once per connection).
@@ -56,10 +57,11 @@ impl UnixBackend {
             let dup = self.read.get_ref().as_fd().try_clone_to_owned()?;
             // SAFETY: as in `new`: `dup` owns its descriptor for the AsyncFd's whole life.
             let w = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) };
-            let _ = self.write.set(w.map_err(io::Error::from)?);
+            let _ = self.write.set(Box::new(w.map_err(io::Error::from)?));
         }
         self.write
             .get()
+            .map(|w| &**w)
             .ok_or_else(|| io::Error::other("write registration missing"))
     }
 

@@ -852,7 +852,9 @@ mod size_tests {
         let size = std::mem::size_of_val(&f);
         eprintln!("handle {size}");
         // With tokio's task header and trailer this is a 1 KiB allocation (measured with
-        // valgrind's massif, see README "Performance"); 1024 leaves room for compiler changes.
-        assert!(size <= 1024, "connection future is {size} bytes");
+        // valgrind's massif, see README "Performance"). At 976 bytes the task moved to the next
+        // allocation class: 1.84 KiB of RSS per idle connection instead of 1.61
+        // (`benches/compare.sh --only idle`), so the bound is the size measured to fit.
+        assert!(size <= 928, "connection future is {size} bytes");
     }
 }
