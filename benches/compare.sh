@@ -6,14 +6,17 @@
 #
 # benches/compare.sh [--rounds N] [--bulk-mib N] [--conn-secs S] [--idle N] [--latency N]
 #                    [--workers N] [--only LIST] [--targets LIST] [--smoke]
-# --only: comma-separated subset of the figures: conns,bulk,term,latency,idle (default: all).
+# --only: comma-separated subset of the figures: conns,raw,bulk,term,latency,idle (default: all).
+#   raw: proxy-bound connections/s (loadgen raw: a canned ClientHello routed to a plain-HTTP
+#   backend that answers 400 and closes), where client and backend cost little, so the proxy's
+#   own cost per connection, and its scaling over threads, set the rate.
 # --targets: comma-separated subset of direct,sniplex,sniplex2,haproxy,nginx (default: all).
 # --smoke: seconds-long run that only checks the script still works (CI).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
 rounds=3 bulk_mib=1024 conn_secs=5 idle=5000 latency=300 workers=4 smoke=0
-only="conns,bulk,term,latency,idle" targets="direct,sniplex,haproxy,nginx,sniplex2"
+only="conns,raw,bulk,term,latency,idle" targets="direct,sniplex,haproxy,nginx,sniplex2"
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds=$2; shift 2 ;;
@@ -69,7 +72,7 @@ cat "$tmp/www/big" > /dev/null
 echo "small page" > "$tmp/www/small"
 
 # --- the backend: nginx TLS on a Unix socket and a loopback port, plain HTTP on a Unix socket ---
-be_port=$(free_port)
+be_port=$(free_port); plain_port=$(free_port)
 temp_paths() { for d in body proxy fastcgi uwsgi scgi; do echo "    ${d}_temp_path $1/$d;" | sed 's/body_temp/client_body_temp/'; done; }
 cat > "$tmp/backend.conf" <<EOF
 $user_line
@@ -98,6 +101,7 @@ $(temp_paths "$tmp/be")
     }
     server {
         listen unix:$tmp/plain.sock;
+        listen 127.0.0.1:$plain_port;
         server_name term.test;
         root $tmp/www;
     }
@@ -117,6 +121,7 @@ max_connections_per_ip = 100000
 max_handshakes = 100000
 [routes]
 "bench.test" = "unix:$tmp/be.sock"
+"raw.test" = "unix:$tmp/plain.sock"
 [routes."term.test"]
 backend = "unix:$tmp/plain.sock"
 terminate = { cert = "$tmp/cert.pem", key = "$tmp/key.pem" }
@@ -147,8 +152,11 @@ frontend tls
     tcp-request inspect-delay 10s
     tcp-request content accept if { req.ssl_hello_type 1 }
     use_backend be if { req.ssl_sni -i bench.test }
+    use_backend plain if { req.ssl_sni -i raw.test }
 backend be
     server s1 unix@$tmp/be.sock
+backend plain
+    server s1 unix@$tmp/plain.sock
 EOF
 haproxy -db -f "$tmp/haproxy.cfg" &
 haproxy_pid=$!; pids+=($!)
@@ -176,6 +184,7 @@ events { worker_connections 20000; }
 stream {
     map \$ssl_preread_server_name \$be {
         bench.test unix:$tmp/be.sock;
+        raw.test unix:$tmp/plain.sock;
     }
     server {
         listen 127.0.0.1:$ng_port;
@@ -198,7 +207,7 @@ nginx -p "$tmp/stream" -c "$tmp/stream.conf" &
 pids+=($!)
 
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-for p in $be_port $sn_port $sn_threads2_port $ha_port $ng_port $ngt_port $so_port $fl_port; do wait_port "$p"; done
+for p in $be_port $plain_port $sn_port $sn_threads2_port $ha_port $ng_port $ngt_port $so_port $fl_port; do wait_port "$p"; done
 # nginx's worker is the process doing the work (the master only supervises).
 worker_of() { pgrep -P "$(cat "$1")" | head -n1; }
 ng_pid=$(worker_of "$tmp/stream/stream.pid" 2>/dev/null || true)
@@ -242,6 +251,19 @@ measure_conns() {  # target
     if [ -n "$pid" ]; then
         cpu=$(awk -v d=$(( $(ticks "$pid") - c0 )) -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", d / hz * 1000 / (n / 1000) }')
         add cpu_ms_per_1k_conns "$t" "$cpu"
+    fi
+}
+measure_raw() {  # target
+    local t=$1 port pid c0 out rate n cpu
+    port=$(addr_of "$t"); pid=$(pid_of "$t")
+    [ "$t" = direct ] && port=$plain_port
+    [ -n "$pid" ] && c0=$(ticks "$pid")
+    out=$("$loadgen" raw --addr "127.0.0.1:$port" --name raw.test --ca "$tmp/ca.pem" --secs "$conn_secs" --workers "$workers")
+    rate=$(echo "$out" | sed -n 's/.*rate=\([0-9.]*\).*/\1/p'); n=$(echo "$out" | sed -n 's/.*conns=\([0-9]*\).*/\1/p')
+    add raw_conns_per_s "$t" "$rate"
+    if [ -n "$pid" ]; then
+        cpu=$(awk -v d=$(( $(ticks "$pid") - c0 )) -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", d / hz * 1000 / (n / 1000) }')
+        add cpu_ms_per_1k_raw "$t" "$cpu"
     fi
 }
 measure_bulk() {  # target
@@ -328,6 +350,7 @@ while [ "$round" -lt "$rounds" ]; do
     order=$(echo "$targets" | tr ',' '\n' | awk -v r="$round" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
     echo "round $round: $(echo $order | tr '\n' ' ')" >&2
     if wants conns; then for t in $order; do measure_conns "$t"; done; fi
+    if wants raw; then for t in $order; do measure_raw "$t"; done; fi
     if wants bulk; then for t in $order socat floor; do [ "$t" = sniplex2 ] || measure_bulk "$t"; done; fi
     if wants term; then for t in sniplex-term nginx-term; do measure_bulk "$t"; done; fi
     if wants latency; then for t in $order; do case $t in direct|sniplex2) ;; *) measure_latency "$t" ;; esac; done; fi
@@ -338,9 +361,9 @@ done
 median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 spread() { tr ' ' '\n' | awk 'NF' | sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {if (NR) printf "%s..%s", lo, hi}'; }
 # lower is better for costs and latency, higher for rates
-better_low() { case $1 in conns_per_s|bulk_mib_per_s) return 1 ;; *) return 0 ;; esac; }
+better_low() { case $1 in conns_per_s|raw_conns_per_s|bulk_mib_per_s) return 1 ;; *) return 0 ;; esac; }
 printf '\n%-22s %-10s %12s %18s %10s %10s\n' figure target median spread vs_direct vs_best_peer
-for fig in conns_per_s cpu_ms_per_1k_conns bulk_mib_per_s cpu_s_per_gib added_p50_us added_p99_us kib_per_idle_conn; do
+for fig in conns_per_s cpu_ms_per_1k_conns raw_conns_per_s cpu_ms_per_1k_raw bulk_mib_per_s cpu_s_per_gib added_p50_us added_p99_us kib_per_idle_conn; do
     best=""
     for peer in haproxy nginx; do
         v=$(echo "${R[$fig,$peer]:-}" | median); [ "$v" = "-" ] && continue

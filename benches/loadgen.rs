@@ -3,6 +3,11 @@
 //!   loadgen conns   --addr IP:PORT --name SNI --ca PEM --secs S [--workers W] [--path P]
 //!       full TLS handshake (no resumption) + one small request per connection; prints
 //!       `conns=N secs=S rate=R`
+//!   loadgen raw     --addr IP:PORT --name SNI --ca PEM --secs S [--workers W]
+//!       proxy-bound connections: one real ClientHello for SNI, made once by rustls, is
+//!       replayed on every connection, and whatever the backend answers is read to EOF (the
+//!       benchmark routes it to a plain-HTTP backend, which answers 400 and closes). The
+//!       client and backend do almost nothing, so the proxy sets the pace; prints like `conns`
 //!   loadgen latency --addr IP:PORT --base IP:PORT --name SNI --ca PEM --samples N
 //!       paired samples of connect + handshake + first response byte, `addr` then `base`,
 //!       one at a time; prints `p50_us=.. p99_us=..` of (addr - base) and both medians
@@ -79,6 +84,69 @@ async fn one_request(
     Ok(first)
 }
 
+/// The ClientHello rustls sends for `name`, as bytes on the wire.
+fn client_hello(cfg: &Arc<rustls::ClientConfig>, name: &ServerName<'static>) -> Vec<u8> {
+    let mut c = rustls::ClientConnection::new(cfg.clone(), name.clone()).expect("client");
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).expect("hello");
+    }
+    out
+}
+
+/// One proxy-bound connection: the hello out, the backend's answer in, to EOF.
+async fn one_raw(addr: SocketAddr, hello: &[u8]) -> std::io::Result<()> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    tcp.write_all(hello).await?;
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        match tcp.read(&mut buf).await? {
+            0 => break,
+            n => total += n,
+        }
+    }
+    if total == 0 {
+        return Err(std::io::Error::other("no answer"));
+    }
+    Ok(())
+}
+
+/// Runs `one` from `workers` tasks until `secs` have passed; prints the count and the rate.
+fn closed_loop<F, Fut>(rt: &tokio::runtime::Runtime, secs: f64, workers: usize, one: F)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send,
+{
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    rt.block_on(async {
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let (one, done, failed) = (one.clone(), done.clone(), failed.clone());
+            set.spawn(async move {
+                while Instant::now() < deadline {
+                    match one().await {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    });
+    let el = start.elapsed().as_secs_f64();
+    let n = done.load(Ordering::Relaxed);
+    println!(
+        "conns={n} failed={} secs={el:.3} rate={:.1}",
+        failed.load(Ordering::Relaxed),
+        n as f64 / el
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -94,39 +162,21 @@ fn main() {
         "conns" => {
             let secs: f64 = req(&args, "--secs").parse().unwrap();
             let workers: usize = arg(&args, "--workers").map_or(8, |w| w.parse().unwrap());
-            let path = arg(&args, "--path").unwrap_or_else(|| "/small".into());
-            let done = Arc::new(AtomicU64::new(0));
-            let failed = Arc::new(AtomicU64::new(0));
-            let start = Instant::now();
-            rt.block_on(async {
-                let deadline = start + Duration::from_secs_f64(secs);
-                let mut set = tokio::task::JoinSet::new();
-                for _ in 0..workers {
-                    let (name, cfg, path, done, failed) = (
-                        name.clone(),
-                        cfg.clone(),
-                        path.clone(),
-                        done.clone(),
-                        failed.clone(),
-                    );
-                    set.spawn(async move {
-                        while Instant::now() < deadline {
-                            match one_request(addr, &name, &cfg, &path).await {
-                                Ok(_) => done.fetch_add(1, Ordering::Relaxed),
-                                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                            };
-                        }
-                    });
-                }
-                while set.join_next().await.is_some() {}
+            let path = Arc::new(arg(&args, "--path").unwrap_or_else(|| "/small".into()));
+            let name = Arc::new(name);
+            closed_loop(&rt, secs, workers, move || {
+                let (name, cfg, path) = (name.clone(), cfg.clone(), path.clone());
+                async move { one_request(addr, &name, &cfg, &path).await.map(|_| ()) }
             });
-            let el = start.elapsed().as_secs_f64();
-            let n = done.load(Ordering::Relaxed);
-            println!(
-                "conns={n} failed={} secs={el:.3} rate={:.1}",
-                failed.load(Ordering::Relaxed),
-                n as f64 / el
-            );
+        }
+        "raw" => {
+            let secs: f64 = req(&args, "--secs").parse().unwrap();
+            let workers: usize = arg(&args, "--workers").map_or(8, |w| w.parse().unwrap());
+            let hello: Arc<[u8]> = client_hello(&cfg, &name).into();
+            closed_loop(&rt, secs, workers, move || {
+                let hello = hello.clone();
+                async move { one_raw(addr, &hello).await }
+            });
         }
         "latency" => {
             let base: SocketAddr = req(&args, "--base").parse().unwrap();
