@@ -5,17 +5,20 @@
 # when the machine was busy before it. Prints one table with the spread across rounds.
 #
 # benches/compare.sh [--rounds N] [--bulk-mib N] [--conn-secs S] [--idle N] [--latency N]
-#                    [--workers N] [--only LIST] [--targets LIST] [--smoke]
+#                    [--workers N] [--only LIST] [--targets LIST] [--baseline BIN] [--smoke]
 # --only: comma-separated subset of the figures: conns,raw,bulk,term,latency,idle (default: all).
 #   raw: proxy-bound connections/s (loadgen raw: a canned ClientHello routed to a plain-HTTP
 #   backend that answers 400 and closes), where client and backend cost little, so the proxy's
 #   own cost per connection, and its scaling over threads, set the rate.
 # --targets: comma-separated subset of direct,sniplex,sniplex2,haproxy,nginx (default: all).
+# --baseline BIN: also measure another sniplex binary (say, one built from an earlier commit) as
+#   target "baseline", with --threads 1 and the same config, interleaved like the others: how a
+#   change is measured against what came before it, in the same run.
 # --smoke: seconds-long run that only checks the script still works (CI).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 
-rounds=3 bulk_mib=1024 conn_secs=5 idle=5000 latency=300 workers=4 smoke=0
+rounds=3 bulk_mib=1024 conn_secs=5 idle=5000 latency=300 workers=4 smoke=0 baseline=""
 only="conns,raw,bulk,term,latency,idle" targets="direct,sniplex,haproxy,nginx,sniplex2"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -27,6 +30,7 @@ while [ $# -gt 0 ]; do
         --workers) workers=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
         --targets) targets=$2; shift 2 ;;
+        --baseline) baseline=$(realpath "$2"); targets="$targets,baseline"; shift 2 ;;
         --smoke) smoke=1; rounds=1 bulk_mib=16 conn_secs=1 idle=50 latency=20; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -127,6 +131,12 @@ backend = "unix:$tmp/plain.sock"
 terminate = { cert = "$tmp/cert.pem", key = "$tmp/key.pem" }
 EOF
 sed "s/127.0.0.1:$sn_port/127.0.0.1:$sn_threads2_port/" "$tmp/sniplex.toml" > "$tmp/sniplex2.toml"
+bl_port=$(free_port); baseline_pid=""
+if [ -n "$baseline" ]; then
+    sed "s/127.0.0.1:$sn_port/127.0.0.1:$bl_port/" "$tmp/sniplex.toml" > "$tmp/baseline.toml"
+    "$baseline" run -q --threads 1 -c "$tmp/baseline.toml" &
+    baseline_pid=$!; pids+=($!)
+fi
 "$sniplex_bin" run -q --threads 1 -c "$tmp/sniplex.toml" &
 sniplex_pid=$!; pids+=($!)
 "$sniplex_bin" run -q --threads 2 -c "$tmp/sniplex2.toml" &
@@ -207,7 +217,7 @@ nginx -p "$tmp/stream" -c "$tmp/stream.conf" &
 pids+=($!)
 
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-for p in $be_port $plain_port $sn_port $sn_threads2_port $ha_port $ng_port $ngt_port $so_port $fl_port; do wait_port "$p"; done
+for p in $be_port $plain_port $sn_port $sn_threads2_port ${baseline:+$bl_port} $ha_port $ng_port $ngt_port $so_port $fl_port; do wait_port "$p"; done
 # nginx's worker is the process doing the work (the master only supervises).
 worker_of() { pgrep -P "$(cat "$1")" | head -n1; }
 ng_pid=$(worker_of "$tmp/stream/stream.pid" 2>/dev/null || true)
@@ -237,8 +247,8 @@ quiet_machine() {
 declare -A R  # R[figure,target] = "v1 v2 ..." (one value per round)
 add() { R[$1,$2]="${R[$1,$2]:-} $3"; }
 wants() { case ",$only," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-addr_of() { case $1 in direct) echo $be_port ;; sniplex) echo $sn_port ;; sniplex2) echo $sn_threads2_port ;; haproxy) echo $ha_port ;; nginx) echo $ng_port ;; socat) echo $so_port ;; floor) echo $fl_port ;; nginx-term) echo $ngt_port ;; sniplex-term) echo $sn_port ;; esac; }
-pid_of() { case $1 in sniplex) echo $sniplex_pid ;; sniplex2) echo $sniplex2_pid ;; haproxy) echo $haproxy_pid ;; socat) echo $socat_pid ;; floor) echo $floor_pid ;; nginx|nginx-term) echo $ng_pid ;; sniplex-term) echo $sniplex_pid ;; *) echo "" ;; esac; }
+addr_of() { case $1 in direct) echo $be_port ;; sniplex) echo $sn_port ;; sniplex2) echo $sn_threads2_port ;; baseline) echo $bl_port ;; haproxy) echo $ha_port ;; nginx) echo $ng_port ;; socat) echo $so_port ;; floor) echo $fl_port ;; nginx-term) echo $ngt_port ;; sniplex-term) echo $sn_port ;; esac; }
+pid_of() { case $1 in sniplex) echo $sniplex_pid ;; sniplex2) echo $sniplex2_pid ;; baseline) echo $baseline_pid ;; haproxy) echo $haproxy_pid ;; socat) echo $socat_pid ;; floor) echo $floor_pid ;; nginx|nginx-term) echo $ng_pid ;; sniplex-term) echo $sniplex_pid ;; *) echo "" ;; esac; }
 name_of() { case $1 in *-term) echo term.test ;; *) echo bench.test ;; esac; }
 
 measure_conns() {  # target
@@ -354,7 +364,7 @@ while [ "$round" -lt "$rounds" ]; do
     if wants bulk; then for t in $order socat floor; do [ "$t" = sniplex2 ] || measure_bulk "$t"; done; fi
     if wants term; then for t in sniplex-term nginx-term; do measure_bulk "$t"; done; fi
     if wants latency; then for t in $order; do case $t in direct|sniplex2) ;; *) measure_latency "$t" ;; esac; done; fi
-    if wants idle; then for t in $order; do case $t in direct|sniplex2) ;; *) measure_idle "$t" ;; esac; done; fi
+    if wants idle; then for t in $order; do case $t in direct|sniplex2|baseline) ;; *) measure_idle "$t" ;; esac; done; fi
 done
 
 # --- the table: median across rounds, spread as min..max, ratios to direct and to the best peer ---
@@ -372,12 +382,12 @@ for fig in conns_per_s cpu_ms_per_1k_conns raw_conns_per_s cpu_ms_per_1k_raw bul
         else best=$(awk -v a="$best" -v b="$v" 'BEGIN {print (b > a) ? b : a}'); fi
     done
     direct=$(echo "${R[$fig,direct]:-}" | median)
-    for t in direct sniplex sniplex2 haproxy nginx socat floor; do
+    for t in direct sniplex sniplex2 baseline haproxy nginx socat floor; do
         vals=${R[$fig,$t]:-}; [ -z "$vals" ] && continue
         m=$(echo "$vals" | median); s=$(echo "$vals" | spread)
         rd=$(awk -v m="$m" -v d="$direct" 'BEGIN { if (d == "-" || d == 0) print "-"; else printf "%.2fx", m / d }')
         rb=$(awk -v m="$m" -v b="$best" 'BEGIN { if (b == "" || b == 0) print "-"; else printf "%.2fx", m / b }')
-        label=$t; [ "$t" = sniplex2 ] && label="sniplex(2 thr)"; [ "$t" = socat ] && label="socat (floor)"; [ "$t" = floor ] && label="splice floor"
+        label=$t; [ "$t" = sniplex2 ] && label="sniplex(2 thr)"; [ "$t" = baseline ] && label="sniplex(baseline)"; [ "$t" = socat ] && label="socat (floor)"; [ "$t" = floor ] && label="splice floor"
         printf '%-22s %-14s %8s %18s %10s %10s\n' "$fig" "$label" "$m" "$s" "$rd" "$rb"
     done
 done
@@ -391,4 +401,4 @@ for fig in bulk_mib_per_s cpu_s_per_gib; do
     done
 done
 echo
-echo "compare: done ($rounds round(s)); reproduce with: benches/compare.sh --rounds $rounds --bulk-mib $bulk_mib --conn-secs $conn_secs --idle $idle --latency $latency --workers $workers --only $only --targets $targets"
+echo "compare: done ($rounds round(s)); reproduce with: benches/compare.sh --rounds $rounds --bulk-mib $bulk_mib --conn-secs $conn_secs --idle $idle --latency $latency --workers $workers --only $only --targets ${targets%,baseline}${baseline:+ --baseline $baseline}"
