@@ -3,6 +3,7 @@
 
 use crate::config::BackendAddr;
 use crate::splice::SpliceSocket;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
@@ -30,9 +31,23 @@ pub enum BackendStream {
 #[derive(Debug)]
 pub struct UnixBackend {
     read: AsyncFd<std::os::unix::net::UnixStream>,
-    /// Boxed: this is part of what every open connection holds, and is rarely needed.
-    write: std::sync::OnceLock<Box<AsyncFd<OwnedFd>>>,
+    /// `None` until a write finds the socket full. Boxed: this is part of what every open
+    /// connection holds, and is rarely needed.
+    write: std::sync::Mutex<Option<Box<WriteWait>>>,
 }
+
+/// How a [`UnixBackend`] whose socket was found full waits until it can be written again.
+#[derive(Debug)]
+enum WriteWait {
+    /// A duplicate of the descriptor, registered for write interest; kept from then on.
+    Registered(AsyncFd<OwnedFd>),
+    /// No descriptor was free for the duplicate (EMFILE/ENFILE): the write is retried after a
+    /// pause, and the registration with it, so the connection lives on until descriptors free up.
+    Backoff(std::pin::Pin<Box<tokio::time::Sleep>>),
+}
+
+/// Pause between write attempts while no descriptor is free for a write registration.
+const WRITE_BACKOFF: Duration = Duration::from_millis(10);
 
 impl UnixBackend {
     /// Takes a connected, non-blocking socket.
@@ -42,31 +57,69 @@ impl UnixBackend {
         let read = unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) };
         Ok(UnixBackend {
             read: read.map_err(io::Error::from)?,
-            write: std::sync::OnceLock::new(),
+            write: std::sync::Mutex::new(None),
         })
-    }
-
-    /// The write-interest registration, if a write has ever found the socket full.
-    pub(crate) fn writer(&self) -> Option<&AsyncFd<OwnedFd>> {
-        self.write.get().map(|w| &**w)
-    }
-
-    /// Registers a duplicate of the socket for write interest (at most once per connection).
-    pub(crate) fn register_writer(&self) -> io::Result<&AsyncFd<OwnedFd>> {
-        if self.write.get().is_none() {
-            let dup = self.read.get_ref().as_fd().try_clone_to_owned()?;
-            // SAFETY: as in `new`: `dup` owns its descriptor for the AsyncFd's whole life.
-            let w = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) };
-            let _ = self.write.set(Box::new(w.map_err(io::Error::from)?));
-        }
-        self.write
-            .get()
-            .map(|w| &**w)
-            .ok_or_else(|| io::Error::other("write registration missing"))
     }
 
     pub(crate) fn reader(&self) -> &AsyncFd<std::os::unix::net::UnixStream> {
         &self.read
+    }
+
+    /// The descriptor registered for write interest, if a write has found the socket full.
+    pub fn write_registration(&self) -> Option<std::os::fd::RawFd> {
+        match crate::lock(&self.write).as_deref() {
+            Some(WriteWait::Registered(w)) => Some(std::os::fd::AsRawFd::as_raw_fd(w)),
+            _ => None,
+        }
+    }
+
+    /// Ready to try a write: at once until the socket has been found full, then when the
+    /// write registration says so (or the backoff pause has passed).
+    pub(crate) fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut wait = crate::lock(&self.write);
+        match wait.as_deref_mut() {
+            None => Poll::Ready(Ok(())),
+            Some(WriteWait::Registered(w)) => w.poll_write_ready(cx).map_ok(|_| ()),
+            Some(WriteWait::Backoff(pause)) => pause.as_mut().poll(cx).map(Ok),
+        }
+    }
+
+    /// Runs one write `f`. An EAGAIN clears the registration's readiness, or, before there is
+    /// one, creates it.
+    pub(crate) fn try_write_with<R>(&self, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        let mut wait = crate::lock(&self.write);
+        if let Some(WriteWait::Registered(w)) = wait.as_deref() {
+            return w.try_io(Interest::WRITABLE, |_| f());
+        }
+        let r = f();
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            let backing_off = matches!(wait.as_deref(), Some(WriteWait::Backoff(_)));
+            *wait = Some(Box::new(match self.register_writer() {
+                Ok(w) => {
+                    tracing::debug!("backend socket full: watching it for writability");
+                    WriteWait::Registered(w)
+                }
+                Err(e) if crate::splice::is_fd_exhaustion(&e) => {
+                    if !backing_off {
+                        tracing::warn!(
+                            "backend socket full and no file descriptor free to wait on it: \
+                             retrying writes every {WRITE_BACKOFF:?} ({e})"
+                        );
+                    }
+                    WriteWait::Backoff(Box::pin(tokio::time::sleep(WRITE_BACKOFF)))
+                }
+                Err(e) => return Err(e),
+            }));
+        }
+        r
+    }
+
+    /// A duplicate of the socket, registered for write interest only.
+    fn register_writer(&self) -> io::Result<AsyncFd<OwnedFd>> {
+        let dup = self.read.get_ref().as_fd().try_clone_to_owned()?;
+        // SAFETY: as in `new`: `dup` owns its descriptor for the AsyncFd's whole life.
+        let w = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) };
+        w.map_err(io::Error::from)
     }
 }
 

@@ -183,11 +183,9 @@ impl SpliceSocket for UnixBackend {
         interest: Interest,
     ) -> std::task::Poll<io::Result<()>> {
         if interest.is_readable() {
-            return self.reader().poll_read_ready(cx).map_ok(|_| ());
-        }
-        match self.writer() {
-            None => Poll::Ready(Ok(())),
-            Some(w) => w.poll_write_ready(cx).map_ok(|_| ()),
+            self.reader().poll_read_ready(cx).map_ok(|_| ())
+        } else {
+            self.poll_write_ready(cx)
         }
     }
 
@@ -197,18 +195,9 @@ impl SpliceSocket for UnixBackend {
         f: impl FnOnce() -> io::Result<R>,
     ) -> io::Result<R> {
         if interest.is_readable() {
-            return self.reader().try_io(Interest::READABLE, |_| f());
-        }
-        match self.writer() {
-            Some(w) => w.try_io(Interest::WRITABLE, |_| f()),
-            None => {
-                let r = f();
-                if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                    // Full: from now on writability comes from a registration of its own.
-                    self.register_writer()?;
-                }
-                r
-            }
+            self.reader().try_io(Interest::READABLE, |_| f())
+        } else {
+            self.try_write_with(f)
         }
     }
 }
@@ -562,7 +551,7 @@ async fn pump<S: SpliceSocket, D: SpliceSocket>(
     }
 }
 
-fn is_fd_exhaustion(e: &io::Error) -> bool {
+pub(crate) fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(c) if c == nix::errno::Errno::EMFILE as i32 || c == nix::errno::Errno::ENFILE as i32)
 }
 
@@ -1069,7 +1058,7 @@ mod size_tests {
             masks.iter().all(|m| m & EPOLLOUT == 0),
             "registered for EPOLLOUT: {masks:x?}"
         );
-        assert!(backend.writer().is_none());
+        assert!(backend.write_registration().is_none());
 
         // More than the socket holds: the first poll writes what fits, then must wait.
         let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 253) as u8).collect();
@@ -1080,9 +1069,9 @@ mod size_tests {
             "8 MiB fit in the socket"
         );
         let w = backend
-            .writer()
+            .write_registration()
             .expect("no write registration after a full write");
-        let wmasks = epoll_masks(w.as_raw_fd());
+        let wmasks = epoll_masks(w);
         assert!(
             wmasks.iter().any(|m| m & EPOLLOUT != 0),
             "write registration lacks EPOLLOUT: {wmasks:x?}"

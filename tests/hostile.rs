@@ -308,6 +308,36 @@ async fn running_out_of_file_descriptors_backs_off_keeps_open_connections_and_re
         let mut b = [0u8; 1];
         healthy.read_exact(&mut b).await.unwrap();
     }
+    // More than every buffer on the way holds, echoed back: writes to the backend find its
+    // socket full while no descriptor is free to register for writability, and must still
+    // all go through (retried after a pause).
+    const BIG: usize = 16 << 20;
+    let (mut rd, mut wr) = tokio::io::split(healthy);
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..BIG / chunk.len() {
+            wr.write_all(&chunk).await?;
+        }
+        // The TLS session may still hold the last records.
+        wr.flush().await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < BIG {
+        let n = match tokio::time::timeout(DEADLINE, rd.read(&mut buf)).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!(
+                "transfer stalled after {got} bytes; log: {:#?}",
+                bin.log.lock().unwrap()
+            ),
+        };
+        assert!(n > 0, "connection closed after {got} bytes");
+        assert!(buf[..n].iter().all(|&b| b == 7), "bytes changed on the way");
+        got += n;
+    }
+    let healthy = rd.unsplit(writer.await.unwrap().unwrap());
+    bin.wait_for("no file descriptor free to wait on it");
     drop(flood);
     // Recovered: new clients are served again.
     assert_eq!(eventually(|| whoami(addr, "git.test", &w.pki)).await, "git");

@@ -427,7 +427,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             };
             hasher.update(&buf[..n]);
             bytes += n as u64;
-            if w.write_all(&buf[..n]).await.is_err() {
+            // Flushed: the TLS session keeps records it could not write to a full socket, and
+            // a client waiting for its echo before sending more would wait for ever.
+            if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
                 break;
             }
         },
