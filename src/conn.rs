@@ -138,7 +138,20 @@ struct Trace {
     counters: Counters,
 }
 
-/// Runs the whole pipeline for one accepted connection and logs its outcome.
+impl Trace {
+    /// Nothing known yet but the peer; the connection's clock starts now.
+    fn new(peer: SocketAddr) -> Trace {
+        Trace {
+            peer,
+            sni: None,
+            bad_sni: None,
+            route: None,
+            backend: None,
+            counters: Counters::default(),
+        }
+    }
+}
+
 /// The slots a connection was admitted with (see [`crate::limits`]).
 #[derive(Debug)]
 pub struct Admission {
@@ -149,6 +162,7 @@ pub struct Admission {
     pub ip: Option<crate::limits::IpSlot>,
 }
 
+/// Runs the whole pipeline for one accepted connection and logs its outcome.
 pub fn handle(
     client: TcpStream,
     peer: SocketAddr,
@@ -185,14 +199,7 @@ async fn run(accepted: Box<Accepted>) {
         let accepted = accepted;
         *accepted
     };
-    let mut trace = Trace {
-        peer,
-        sni: None,
-        bad_sni: None,
-        route: None,
-        backend: None,
-        counters: Counters::default(),
-    };
+    let mut trace = Trace::new(peer);
     // Taken once: a reload during this connection does not change its route or timeouts.
     let config = shared.config.load_full();
     // Everything up to forwarding runs boxed, and its state is freed when it returns: what an
@@ -808,14 +815,7 @@ mod size_tests {
         // A client still sending its hello (or never finishing it: slowloris) also holds the
         // pipeline's box, with the hello phase inside it.
         let config = shared.config.load_full();
-        let mut trace = Trace {
-            peer,
-            sni: None,
-            bad_sni: None,
-            route: None,
-            backend: None,
-            counters: Counters::default(),
-        };
+        let mut trace = Trace::new(peer);
         let mut slots = Admission {
             open: crate::limits::Gate::new().admit(&config.limits).unwrap().0,
             handshake: None,
