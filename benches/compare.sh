@@ -53,18 +53,11 @@ ulimit -n "$(ulimit -Hn)"
 
 cd "$here"
 cargo build --release --locked --quiet
-loadgen=$(cargo bench --locked --bench loadgen --no-run 2>&1 | sed -n 's/.*Executable.*(\(.*\)).*/\1/p' | tail -n1)
-[ -x "$loadgen" ] || { echo "compare: cannot find the loadgen binary" >&2; exit 1; }
+source "$here/benches/lib.sh"
+loadgen=$(loadgen_bin)
 sniplex_bin=$here/target/release/sniplex
 
-tmp=$(mktemp -d /tmp/sniplex-bench.XXXXXX)
-chmod 755 "$tmp"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-user_line=""; [ "$(id -u)" = 0 ] && user_line="user root;"
+bench_tmp bench
 
 # --- certificates ---
 bash "$here/tests/make-certs.sh" "$tmp" bench.test term.test
@@ -77,15 +70,8 @@ echo "small page" > "$tmp/www/small"
 
 # --- the backend: nginx TLS on a Unix socket and a loopback port, plain HTTP on a Unix socket ---
 be_port=$(free_port); plain_port=$(free_port)
-temp_paths() { for d in body proxy fastcgi uwsgi scgi; do echo "    ${d}_temp_path $1/$d;" | sed 's/body_temp/client_body_temp/'; done; }
 cat > "$tmp/backend.conf" <<EOF
-$user_line
-worker_processes 1;
-worker_rlimit_nofile 40000;
-daemon off;
-pid $tmp/backend.pid;
-error_log $tmp/backend-error.log warn;
-events { worker_connections 20000; }
+$(nginx_head "$tmp/backend.pid" "$tmp/backend-error.log")
 http {
     access_log off;
 $(temp_paths "$tmp/be")
@@ -184,13 +170,7 @@ floor_pid=$!; pids+=($!)
 
 cat > "$tmp/stream.conf" <<EOF
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-$user_line
-worker_processes 1;
-worker_rlimit_nofile 40000;
-daemon off;
-pid $tmp/stream.pid;
-error_log $tmp/stream-error.log warn;
-events { worker_connections 20000; }
+$(nginx_head "$tmp/stream.pid" "$tmp/stream-error.log")
 stream {
     map \$ssl_preread_server_name \$be {
         bench.test unix:$tmp/be.sock;
@@ -216,7 +196,6 @@ mkdir -p "$tmp/stream"
 nginx -p "$tmp/stream" -c "$tmp/stream.conf" &
 pids+=($!)
 
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 for p in $be_port $plain_port $sn_port $sn_threads2_port ${baseline:+$bl_port} $ha_port $ng_port $ngt_port $so_port $fl_port; do wait_port "$p"; done
 # nginx's worker is the process doing the work (the master only supervises).
 worker_of() { pgrep -P "$(cat "$1")" | head -n1; }

@@ -23,29 +23,17 @@ ulimit -n "$(ulimit -Hn)"
 
 cd "$here"
 cargo build --release --locked --quiet --no-default-features --target-dir target/heap
-loadgen=$(cargo bench --locked --bench loadgen --no-run 2>&1 | sed -n 's/.*Executable.*(\(.*\)).*/\1/p' | tail -n1)
-tmp=$(mktemp -d /tmp/sniplex-heap.XXXXXX)
-chmod 755 "$tmp"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-user_line=""; [ "$(id -u)" = 0 ] && user_line="user root;"
+source "$here/benches/lib.sh"
+loadgen=$(loadgen_bin)
+bench_tmp heap
 
 bash "$here/tests/make-certs.sh" "$tmp" bench.test >/dev/null
 mkdir -p "$tmp/be"
 cat > "$tmp/backend.conf" <<EOF
-$user_line
-worker_processes 1;
-worker_rlimit_nofile 40000;
-daemon off;
-pid $tmp/backend.pid;
-error_log $tmp/backend-error.log warn;
-events { worker_connections 20000; }
+$(nginx_head "$tmp/backend.pid" "$tmp/backend-error.log")
 http {
     access_log off;
-    client_body_temp_path $tmp/be/body; proxy_temp_path $tmp/be/proxy;
-    fastcgi_temp_path $tmp/be/fastcgi; uwsgi_temp_path $tmp/be/uwsgi; scgi_temp_path $tmp/be/scgi;
+$(temp_paths "$tmp/be")
     keepalive_timeout 600s;
     server {
         listen unix:$tmp/be.sock ssl;

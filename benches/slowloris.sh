@@ -12,23 +12,19 @@ ulimit -n "$(ulimit -Hn)"
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || bash tests/deps.sh
 export PATH=$PATH:/usr/sbin
 cargo build --release --locked --quiet
-loadgen=$(cargo bench --locked --bench loadgen --no-run 2>&1 | sed -n 's/.*Executable.*(\(.*\)).*/\1/p' | tail -n1)
-tmp=$(mktemp -d /tmp/sniplex-slowloris.XXXXXX); chmod 755 "$tmp"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$tmp"; }
-trap cleanup EXIT
+source "$here/benches/lib.sh"
+loadgen=$(loadgen_bin)
+bench_tmp slowloris
 bash "$here/tests/make-certs.sh" "$tmp" bench.test
-user_line=""; [ "$(id -u)" = 0 ] && user_line="user root;"
 mkdir -p "$tmp/t"
 {
-    echo "$user_line"
-    echo "worker_processes 1; daemon off; pid $tmp/nginx.pid; error_log $tmp/nginx.log warn;"
-    echo "events { worker_connections 1024; }"
-    echo "http { access_log off; client_body_temp_path $tmp/t/b; proxy_temp_path $tmp/t/p; fastcgi_temp_path $tmp/t/f; uwsgi_temp_path $tmp/t/u; scgi_temp_path $tmp/t/s;"
+    nginx_head "$tmp/nginx.pid" "$tmp/nginx.log" 1024
+    echo "http { access_log off;"
+    temp_paths "$tmp/t"
     echo "  server { listen unix:$tmp/be.sock ssl; ssl_certificate $tmp/cert.pem; ssl_certificate_key $tmp/key.pem; location / { return 200 \"ok\\n\"; } } }"
 } > "$tmp/nginx.conf"
 nginx -p "$tmp" -c "$tmp/nginx.conf" & pids+=($!)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 printf 'listen = ["127.0.0.1:%s"]\n[limits]\nmax_connections_per_ip = 100000\nmax_handshakes = 100000\n[timeouts]\nclient_hello = "5s"\n[routes]\n"bench.test" = "unix:%s/be.sock"\n' \
     "$port" "$tmp" > "$tmp/sniplex.toml"
 target/release/sniplex run -q -c "$tmp/sniplex.toml" & sn=$!; pids+=($sn)
